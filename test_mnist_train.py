@@ -1,0 +1,647 @@
+"""Property-based tests of mnist_train.py: each test states a claim the training code makes.
+
+Run: pytest -q test_mnist_train.py. CUDA cases skip without a GPU. A real-MNIST accuracy
+test runs when MNIST_DATA_DIR points at a folder holding MNIST/raw/ (CI sets it).
+"""
+
+import copy
+import math
+import os
+import signal
+import statistics
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import mnist_train as mt
+
+# One place for Hypothesis settings. Training and CUDA make example times vary, so no
+# deadline; the `ci` profile (chosen when CI is set) is derandomized: same examples each run.
+settings.register_profile(
+    "default", max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+settings.register_profile("ci", settings.get_profile("default"), derandomize=True, database=None, print_blob=True)
+settings.load_profile("ci" if os.environ.get("CI") else "default")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"))]
+seeds = st.integers(min_value=0, max_value=2**31 - 1)
+
+# CUDA may run float32 matmuls in TF32 (10-bit mantissa, ~1e-3 relative error) and with
+# other kernels than the CPU, through three layers: compare across devices at this scale.
+CROSS_DEVICE_TOLERANCE = {"rtol": 1e-2, "atol": 1e-2}
+
+
+# ---------------------------------------------------------------------------
+# Helpers: small learnable data, and MNIST-format files written by the test itself
+# ---------------------------------------------------------------------------
+
+
+def learnable_images(n, seed):
+    """uint8 images [n, 28, 28] and labels [n]: a bright block whose place encodes the label, on noise."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 10, (n,), generator=g)
+    images = torch.randint(0, 60, (n, 28, 28), generator=g, dtype=torch.uint8)
+    for i, label in enumerate(y.tolist()):
+        row, col = divmod(label, 5)
+        images[i, 4 + 10 * row : 10 + 10 * row, 2 + 5 * col : 6 + 5 * col] = 255
+    return images, y
+
+
+def normalized(images):
+    """The same transform load_mnist applies: [n, 28, 28] uint8 -> [n, 1, 28, 28] float."""
+    return images.float().div(255).sub(mt.MNIST_MEAN).div(mt.MNIST_STD).unsqueeze(1)
+
+
+def write_idx(path, tensor):
+    """Write a uint8 tensor in the IDX layout the real MNIST files use."""
+    with open(path, "wb") as f:
+        f.write(bytes([0, 0, 8, tensor.dim()]) + struct.pack(f">{tensor.dim()}I", *tensor.shape))
+        f.write(tensor.numpy().tobytes())
+
+
+def write_fake_mnist(data_dir, n_train=320, n_test=100, seed=0):
+    """Write the four MNIST files (uncompressed, torchvision's raw layout) into data_dir/MNIST/raw."""
+    raw = os.path.join(data_dir, "MNIST", "raw")
+    os.makedirs(raw, exist_ok=True)
+    for split, n, offset in (("train", n_train, 0), ("t10k", n_test, 1)):
+        images, labels = learnable_images(n, seed + offset)
+        write_idx(os.path.join(raw, f"{split}-images-idx3-ubyte"), images)
+        write_idx(os.path.join(raw, f"{split}-labels-idx1-ubyte"), labels.to(torch.uint8))
+    return str(data_dir)
+
+
+@pytest.fixture
+def fake_mnist(tmp_path):
+    return write_fake_mnist(tmp_path / "data")
+
+
+def cli(tmp_path, data_dir, *flags):
+    """Arguments for main() that keep every file the run writes inside tmp_path."""
+    return [
+        "--data-dir", str(data_dir), "--device", "cpu", "--batch-size", "32",
+        "--save", str(tmp_path / "model.pth"), "--checkpoint", str(tmp_path / "checkpoint.pt"), *flags,
+    ]  # fmt: skip
+
+
+def run_main_expecting_exit(argv, capsys):
+    """Run main(argv); return (exit status, stderr). It must end in SystemExit, without a traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        mt.main(argv)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return exit_info.value.code, err
+
+
+def state_of(model):
+    return {name: t.detach().clone() for name, t in model.state_dict().items()}
+
+
+def assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name].cpu(), b[name].cpu()), name
+
+
+# ---------------------------------------------------------------------------
+# Step 4: the training loop
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(seed=seeds, batch_size=st.integers(1, 48), optimizer_name=st.sampled_from(["adam", "sgd"]))
+def test_stale_gradients_do_not_change_a_step(device, seed, batch_size, optimizer_name):
+    torch.manual_seed(seed)
+    clean = mt.build_model(device)
+    stale = copy.deepcopy(clean)
+    x = torch.randn(batch_size, 1, 28, 28, device=device)
+    y = torch.randint(0, 10, (batch_size,), device=device)
+    for p in stale.parameters():  # what an earlier backward() would have left behind
+        p.grad = torch.randn_like(p)
+    for model in (clean, stale):
+        mt.train_epoch(model, [(x, y)], mt.make_loss(), mt.make_optimizer(model, optimizer_name))
+    assert_same_state(state_of(clean), state_of(stale))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(seed=seeds, optimizer_name=st.sampled_from(["adam", "sgd"]))
+def test_training_lowers_the_loss_on_learnable_data(device, seed, optimizer_name):
+    torch.manual_seed(seed)
+    images, labels = learnable_images(256, seed)
+    x, y = normalized(images).to(device), labels.to(device)
+    model, loss_fn = mt.build_model(device), mt.make_loss()
+    optimizer = mt.make_optimizer(model, optimizer_name)
+    loss_before, _ = mt.evaluate(model, mt.iterate_batches(x, y, 64), loss_fn)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(3):
+        mt.train_epoch(model, mt.iterate_batches(x, y, 32, generator), loss_fn, optimizer)
+    loss_after, accuracy = mt.evaluate(model, mt.iterate_batches(x, y, 64), loss_fn)
+    # Chance is a loss of ln(10) = 2.3; the labels are easy, so three epochs get far below.
+    assert loss_after < 0.5 * loss_before
+    assert accuracy > 0.5
+
+
+def test_train_epoch_and_evaluate_set_their_own_mode():
+    model, loss_fn = mt.build_model(), mt.make_loss()
+    batch = [(torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,)))]
+    model.eval()
+    mt.train_epoch(model, batch, loss_fn, mt.make_optimizer(model))
+    assert model.training
+    mt.evaluate(model, batch, loss_fn)
+    assert not model.training
+
+
+def test_train_epoch_returns_the_mean_loss_over_samples():
+    # Two batches of unequal size: the mean over samples, not the mean of the two batch means.
+    torch.manual_seed(0)
+    model, loss_fn = mt.build_model(), mt.make_loss()
+    x, y = torch.randn(5, 1, 28, 28), torch.randint(0, 10, (5,))
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(model(x), y).item()
+    # At lr 1e-30 a step changes no float32 weight, so the second batch sees the same model.
+    optimizer = mt.make_optimizer(model, "sgd", lr=1e-30)
+    mean_loss = mt.train_epoch(model, [(x[:4], y[:4]), (x[4:], y[4:])], loss_fn, optimizer)
+    assert mean_loss == pytest.approx(expected, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# Batches: shuffled for training on every device, in order for evaluation
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(seed=seeds, n=st.integers(10, 300), batch_size=st.integers(1, 64))
+def test_training_order_is_a_fresh_permutation_each_epoch(device, seed, n, batch_size):
+    x = torch.arange(n, device=device)  # each sample is its own index
+    generator = torch.Generator().manual_seed(seed)
+    epochs = []
+    for _ in range(2):
+        order = torch.cat([xb for xb, _ in mt.iterate_batches(x, x, batch_size, generator)])
+        assert order.device.type == device
+        assert sorted(order.tolist()) == list(range(n))  # every sample once
+        epochs.append(order.tolist())
+    # With n >= 10 a random order equals a given one with probability <= 1/10! (~3e-7).
+    assert epochs[0] != list(range(n))
+    assert epochs[0] != epochs[1]
+
+
+def test_evaluation_batches_keep_the_order():
+    x = torch.arange(10)
+    assert torch.cat([xb for xb, _ in mt.iterate_batches(x, x, 3)]).tolist() == list(range(10))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(seed=seeds, n=st.integers(1, 200), batch_size=st.integers(1, 256))
+def test_evaluate_is_exact_for_any_batch_size(device, seed, n, batch_size):
+    torch.manual_seed(seed)
+    model = mt.build_model(device)
+    x = torch.randn(n, 1, 28, 28, device=device)
+    y = torch.randint(0, 10, (n,), device=device)
+    # Oracle: the whole set in one batch, counted in plain Python.
+    with torch.no_grad():
+        logits = model(x)
+    predictions = logits.argmax(1).tolist()
+    expected_accuracy = sum(p == t for p, t in zip(predictions, y.tolist())) / n
+    expected_loss = torch.nn.functional.cross_entropy(logits, y).item()
+    loss, accuracy = mt.evaluate(model, mt.iterate_batches(x, y, batch_size), mt.make_loss())
+    assert isinstance(accuracy, float) and isinstance(loss, float)
+    assert accuracy == expected_accuracy
+    # float32 sums in another order: equal to ~1e-6 relative, not bit for bit.
+    assert loss == pytest.approx(expected_loss, rel=1e-4)
+
+
+# ---------------------------------------------------------------------------
+# Step 6: save and load
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(seed=seeds)
+def test_save_then_load_reproduces_outputs(device, seed, tmp_path):
+    torch.manual_seed(seed)
+    model = mt.build_model(device)
+    path = tmp_path / "model.pth"
+    mt.save(model, path)
+    torch.manual_seed(seed + 1)  # a different model to load into
+    loaded = mt.load(mt.build_model(device), path)
+    assert_same_state(state_of(model), state_of(loaded))
+    assert all(t.device.type == device for t in loaded.state_dict().values())
+    x = torch.randn(16, 1, 28, 28, device=device)
+    model.eval(), loaded.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+
+
+def test_saved_weights_load_with_the_guides_one_liner(tmp_path):
+    model = mt.build_model()
+    mt.save(model, tmp_path / "model.pth")
+    plain = mt.Net()
+    plain.load_state_dict(torch.load(tmp_path / "model.pth"))  # the guide's step 6, verbatim
+    assert_same_state(state_of(model), state_of(plain))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@given(seed=seeds)
+def test_weights_saved_on_cuda_load_on_cpu(seed, tmp_path):
+    torch.manual_seed(seed)
+    gpu_model = mt.build_model("cuda")
+    mt.save(gpu_model, tmp_path / "model.pth")
+    assert all(t.device.type == "cpu" for t in torch.load(tmp_path / "model.pth").values())
+    cpu_model = mt.load(mt.build_model("cpu"), tmp_path / "model.pth")
+    assert_same_state(state_of(gpu_model), state_of(cpu_model))
+    x = torch.randn(64, 1, 28, 28)
+    gpu_model.eval(), cpu_model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(gpu_model(x.cuda()).cpu(), cpu_model(x), **CROSS_DEVICE_TOLERANCE)
+
+
+@given(seed=seeds)
+def test_same_seed_gives_identical_weights_on_cpu(seed, tmp_path):
+    data_dir = write_fake_mnist(tmp_path / "data", n_train=96, n_test=20)
+    states = []
+    for run, run_seed in enumerate((seed, seed, seed + 1)):
+        save = tmp_path / f"model{run}.pth"
+        argv = cli(tmp_path, data_dir, "--epochs", "1", "--seed", str(run_seed), "--save", str(save))
+        argv += ["--checkpoint", str(tmp_path / f"checkpoint{run}.pt")]
+        mt.main(argv)
+        states.append(torch.load(save))
+    assert_same_state(states[0], states[1])
+    assert not torch.equal(states[0]["fc1.weight"], states[2]["fc1.weight"])
+
+
+# ---------------------------------------------------------------------------
+# The whole script on small MNIST-format files, read by the real torchvision code
+# ---------------------------------------------------------------------------
+
+
+def test_main_trains_end_to_end_on_mnist_format_files(fake_mnist, tmp_path, capsys, monkeypatch):
+    seen = []  # the order in which main feeds the training samples, per epoch
+    real_train_epoch = mt.train_epoch
+
+    def recording_train_epoch(model, batches, *rest):
+        batches = list(batches)
+        seen.append(torch.cat([x.flatten(1) for x, _ in batches]))
+        return real_train_epoch(model, batches, *rest)
+
+    monkeypatch.setattr(mt, "train_epoch", recording_train_epoch)
+    metrics = mt.main(cli(tmp_path, fake_mnist, "--epochs", "3"))
+    out = capsys.readouterr().out.splitlines()
+
+    assert out[0].startswith(f"mnist_train: torch {torch.__version__}, device cpu, seed 0")
+    assert [line.split()[1] for line in out[1:4]] == ["1/3", "2/3", "3/3"]
+    assert out[-1] == f"test accuracy {100 * metrics['test_accuracy']:.2f}% | model saved to {tmp_path / 'model.pth'}"
+    assert metrics["test_accuracy"] > 0.9  # the block position is easy to learn
+    assert metrics["history"][-1]["train_loss"] < metrics["history"][0]["train_loss"]
+
+    # main shuffles: each epoch is a different order, and none is the file's order.
+    images, _ = learnable_images(320, 0)
+    in_file_order = normalized(images).flatten(1)
+    assert seen[0].shape == in_file_order.shape
+    assert not torch.equal(seen[0], in_file_order) and not torch.equal(seen[0], seen[1])
+
+    model = mt.load(mt.build_model(), tmp_path / "model.pth")
+    _, accuracy = mt.evaluate(model, mt.iterate_batches(*mt.load_mnist(fake_mnist, False, "cpu"), 100), mt.make_loss())
+    assert accuracy == metrics["test_accuracy"]
+
+
+def test_epochs_zero_with_load_only_evaluates(fake_mnist, tmp_path, capsys):
+    trained = mt.main(cli(tmp_path, fake_mnist, "--epochs", "2"))
+    os.remove(tmp_path / "checkpoint.pt")
+    evaluated = mt.main(cli(tmp_path, fake_mnist, "--epochs", "0", "--load", str(tmp_path / "model.pth")))
+    assert evaluated["test_accuracy"] == trained["test_accuracy"]
+    assert "not trained" in capsys.readouterr().out
+    assert not os.path.exists(tmp_path / "checkpoint.pt")  # evaluating writes nothing
+
+
+@pytest.mark.skipif(not os.environ.get("MNIST_DATA_DIR"), reason="set MNIST_DATA_DIR to a folder holding MNIST/raw/")
+def test_real_mnist_reaches_98_percent_in_5_epochs(tmp_path):
+    accuracies = []
+    for seed in (0, 1, 2):
+        argv = ["--data-dir", os.environ["MNIST_DATA_DIR"], "--device", "cpu", "--seed", str(seed)]
+        argv += ["--save", str(tmp_path / f"m{seed}.pth"), "--checkpoint", str(tmp_path / f"c{seed}.pt")]
+        accuracies.append(mt.main(argv)["test_accuracy"])
+    assert statistics.median(accuracies) >= 0.980, accuracies
+    assert min(accuracies) >= 0.978, accuracies
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints: exact resume
+# ---------------------------------------------------------------------------
+
+
+@given(seed=seeds, stop_after=st.integers(1, 2), optimizer_name=st.sampled_from(["adam", "sgd"]))
+def test_resume_after_any_epoch_matches_an_uninterrupted_run(seed, stop_after, optimizer_name, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("resume")
+    data_dir = write_fake_mnist(tmp_path / "data", n_train=96, n_test=20)
+    flags = ["--epochs", "3", "--seed", str(seed), "--optimizer", optimizer_name]
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    mt.main(cli(whole, data_dir, *flags))
+
+    # Interrupt the second run as Ctrl-C would, when epoch stop_after + 1 starts.
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    calls = []
+    real_train_epoch = mt.train_epoch
+
+    def interrupted_train_epoch(*args):
+        calls.append(1)
+        if len(calls) > stop_after:
+            raise KeyboardInterrupt
+        return real_train_epoch(*args)
+
+    mt.train_epoch = interrupted_train_epoch
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            mt.main(cli(parts, data_dir, *flags))
+    finally:
+        mt.train_epoch = real_train_epoch
+    assert exit_info.value.code == 130
+    assert torch.load(parts / "checkpoint.pt")["epoch"] == stop_after
+    assert not os.path.exists(parts / "model.pth")
+
+    mt.main(cli(parts, data_dir, "--resume"))  # the checkpoint supplies seed, optimizer, epochs
+    assert_same_state(torch.load(whole / "model.pth"), torch.load(parts / "model.pth"))
+    whole_checkpoint, parts_checkpoint = torch.load(whole / "checkpoint.pt"), torch.load(parts / "checkpoint.pt")
+    assert whole_checkpoint["optimizer"]["state"].keys() == parts_checkpoint["optimizer"]["state"].keys()
+    for key, state in whole_checkpoint["optimizer"]["state"].items():
+        assert_same_state(state, parts_checkpoint["optimizer"]["state"][key])
+
+
+def test_ctrl_c_keeps_the_checkpoint_and_says_how_to_resume(fake_mnist, tmp_path, capsys, monkeypatch):
+    calls = []
+    real_train_epoch = mt.train_epoch
+
+    def interrupted_train_epoch(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_train_epoch(*args)
+
+    monkeypatch.setattr(mt, "train_epoch", interrupted_train_epoch)
+    status, err = run_main_expecting_exit(cli(tmp_path, fake_mnist, "--epochs", "3"), capsys)
+    assert status == 130
+    message = err.strip()
+    assert message.startswith(f"interrupted: {tmp_path / 'checkpoint.pt'} holds epoch 1 of 3")
+    assert "python mnist_train.py --resume" in message and "\n" not in message
+
+
+def test_extending_a_finished_run_trains_the_extra_epochs(fake_mnist, tmp_path, capsys):
+    mt.main(cli(tmp_path, fake_mnist, "--epochs", "2"))
+    metrics = mt.main(cli(tmp_path, fake_mnist, "--resume", "--epochs", "3"))
+    assert len(metrics["history"]) == 1
+    assert torch.load(tmp_path / "checkpoint.pt")["epoch"] == 3
+    assert "resumed from" in capsys.readouterr().out
+
+
+def test_resuming_with_another_optimizer_is_refused(fake_mnist, tmp_path, capsys):
+    mt.main(cli(tmp_path, fake_mnist, "--epochs", "1"))
+    status, err = run_main_expecting_exit(cli(tmp_path, fake_mnist, "--resume", "--optimizer", "sgd"), capsys)
+    assert status == 1
+    assert err.strip() == "error: --optimizer sgd does not match the checkpoint's adam: drop --optimizer to resume"
+
+
+def test_a_fresh_run_does_not_overwrite_an_unfinished_checkpoint(fake_mnist, tmp_path, capsys):
+    mt.main(cli(tmp_path, fake_mnist, "--epochs", "1"))
+    mt.main(cli(tmp_path, fake_mnist, "--epochs", "1"))  # a finished run's checkpoint may be replaced
+    mt.save_checkpoint(tmp_path / "checkpoint.pt", *unfinished_run_state())
+    unfinished = (tmp_path / "checkpoint.pt").read_bytes()
+    status, err = run_main_expecting_exit(cli(tmp_path, fake_mnist, "--epochs", "1"), capsys)
+    assert status == 1 and "holds an unfinished run (epoch 1 of 5): add --resume" in err
+    assert (tmp_path / "checkpoint.pt").read_bytes() == unfinished
+
+
+@given(
+    total_before=st.integers(10, 200), extra=st.integers(0, 200), done_fraction=st.floats(0.1, 1.0)
+)
+def test_resuming_follows_the_schedule_of_the_new_total(total_before, extra, done_fraction, tmp_path):
+    model, optimizer, scheduler, generator, _, settings = unfinished_run_state(total_before)
+    for _ in range(int(done_fraction * total_before)):
+        optimizer.step()
+        scheduler.step()
+    mt.save_checkpoint(tmp_path / "c.pt", model, optimizer, scheduler, generator, 1, settings)
+    model, optimizer, scheduler, generator, _, _ = unfinished_run_state(total_before + extra)
+    checkpoint = mt.read_checkpoint(tmp_path / "c.pt", "cpu")
+    mt.load_checkpoint(checkpoint, tmp_path / "c.pt", model, optimizer, scheduler, generator)
+    # What a run planned for the new total would use at this step.
+    fresh_model, fresh_optimizer, fresh_scheduler, *_ = unfinished_run_state(total_before + extra)
+    for _ in range(scheduler.last_epoch):
+        fresh_optimizer.step()
+        fresh_scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == fresh_optimizer.param_groups[0]["lr"]
+
+
+def unfinished_run_state(total_steps=10):
+    model = mt.build_model()
+    optimizer = mt.make_optimizer(model)
+    settings = {"epochs": 5, "batch_size": 32, "optimizer": "adam", "seed": 0, "lr": 3e-3}
+    return model, optimizer, mt.make_scheduler(optimizer, total_steps), torch.Generator(), 1, settings
+
+
+@given(seed=seeds, epoch=st.integers(0, 100))
+def test_checkpoint_round_trips_through_weights_only_load(seed, epoch, tmp_path):
+    torch.manual_seed(seed)
+    model, optimizer, scheduler, generator, _, settings = unfinished_run_state()
+    mt.train_epoch(model, [(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,)))], mt.make_loss(), optimizer, scheduler)
+    generator.manual_seed(seed)
+    mt.save_checkpoint(tmp_path / "c.pt", model, optimizer, scheduler, generator, epoch, settings)
+    checkpoint = mt.read_checkpoint(tmp_path / "c.pt", "cpu")  # weights_only=True inside
+    assert checkpoint["epoch"] == epoch and checkpoint["settings"] == settings
+    assert_same_state(checkpoint["model"], state_of(model))
+    assert torch.equal(checkpoint["rng"]["shuffle"], generator.get_state())
+
+
+# ---------------------------------------------------------------------------
+# Bad input: one line on stderr, the right exit status, no traceback
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "flags, complaint",
+    [
+        (["--epochs", "-1"], "must be 0 or more"),
+        (["--epochs", "0"], "--epochs 0 trains nothing"),
+        (["--epochs", "two"], "is not a whole number"),
+        (["--batch-size", "0"], "must be a finite number above 0"),
+        (["--lr", "0"], "must be a finite number above 0"),
+        (["--lr", "-0.1"], "must be a finite number above 0"),
+        (["--lr", "nan"], "must be a finite number above 0"),
+        (["--lr", "inf"], "must be a finite number above 0"),
+        (["--device", "gpu"], "unknown device 'gpu'"),
+        (["--device", "meta"], "unknown device 'meta'"),
+        (["--optimizer", "rmsprop"], "invalid choice"),
+        (["--resume", "--load", "model.pth"], "exclude each other"),
+    ],
+)
+def test_bad_flags_are_usage_errors(flags, complaint, capsys):
+    status, err = run_main_expecting_exit(flags, capsys)
+    assert status == 2
+    assert complaint in err.strip().splitlines()[-1]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_asking_for_cuda_without_it_is_an_error(fake_mnist, tmp_path, capsys):
+    status, err = run_main_expecting_exit(cli(tmp_path, fake_mnist, "--device", "cuda"), capsys)
+    assert status == 1
+    assert err.startswith("error: --device cuda: CUDA is not available here") and err.count("\n") == 1
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="needs a machine without MPS")
+def test_asking_for_mps_without_it_is_an_error(fake_mnist, tmp_path, capsys):
+    status, err = run_main_expecting_exit(cli(tmp_path, fake_mnist, "--device", "mps"), capsys)
+    assert status == 1 and "MPS (Apple GPU) is not available here" in err
+
+
+def test_missing_data_without_network_names_the_four_files(tmp_path, capsys, monkeypatch):
+    # Port 9 on loopback refuses at once: a download that cannot reach any mirror.
+    monkeypatch.setattr(mt.datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])
+    status, err = run_main_expecting_exit(cli(tmp_path, tmp_path / "empty"), capsys)
+    assert status == 1
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"error: MNIST is not in {tmp_path / 'empty' / 'MNIST' / 'raw'}")
+    assert all(name in line for name in mt.MNIST_FILES) and mt.MNIST_MIRROR in line
+
+
+@pytest.mark.parametrize("name", mt.MNIST_FILES)
+@given(cut=st.integers(1, 200))
+def test_a_truncated_mnist_file_is_named(name, cut, tmp_path_factory, capsys):
+    tmp_path = tmp_path_factory.mktemp("truncated")
+    data_dir = write_fake_mnist(tmp_path / "data", n_train=96, n_test=20)
+    path = os.path.join(data_dir, "MNIST", "raw", name)
+    with open(path, "r+b") as f:
+        f.truncate(max(0, os.path.getsize(path) - cut))
+    status, err = run_main_expecting_exit(cli(tmp_path, data_dir), capsys)
+    assert status == 1
+    assert err.strip() == f"error: {path} is truncated or corrupt: delete it and fetch it again from {mt.MNIST_MIRROR}"
+
+
+def test_labels_out_of_range_are_named(fake_mnist, tmp_path, capsys):
+    write_idx(os.path.join(fake_mnist, "MNIST", "raw", "t10k-labels-idx1-ubyte"), torch.full((100,), 200, dtype=torch.uint8))
+    status, err = run_main_expecting_exit(cli(tmp_path, fake_mnist), capsys)
+    assert status == 1 and "t10k-labels-idx1-ubyte has labels above 9" in err
+
+
+class RunsCodeWhenUnpickled:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # would create the marker file
+
+
+def test_load_refuses_a_file_that_would_run_code(tmp_path):
+    marker = tmp_path / "code-ran"
+    torch.save({"fc1.weight": RunsCodeWhenUnpickled(str(marker))}, tmp_path / "evil.pth")
+    with pytest.raises(mt.UserError, match="holds pickled Python objects, which could run code: refused"):
+        mt.load(mt.build_model(), tmp_path / "evil.pth")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "make_file, complaint",
+    [
+        (lambda path: None, "no such file"),
+        (lambda path: path.write_bytes(b"not a model at all"), "is not a PyTorch file, or it is damaged"),
+        (lambda path: path.write_bytes(b""), "is not a PyTorch file, or it is damaged"),
+        (lambda path: torch.save([1, 2, 3], path), "does not hold a state_dict"),
+        (
+            lambda path: torch.save({**mt.Net().state_dict(), "fc1.weight": torch.zeros(256, 784)}, path),
+            "was saved from another model: fc1.weight is [256, 784] in the file, [128, 784] here",
+        ),
+        (lambda path: torch.save({"fc1.weight": torch.zeros(128, 784)}, path), "fc3.bias missing"),
+    ],
+)
+def test_load_explains_what_is_wrong_with_a_file(make_file, complaint, fake_mnist, tmp_path, capsys):
+    path = tmp_path / "weights.pth"
+    make_file(path)
+    status, err = run_main_expecting_exit(cli(tmp_path, fake_mnist, "--epochs", "0", "--load", str(path)), capsys)
+    assert status == 1
+    assert err.startswith(f"error: {path}") and complaint in err and err.count("\n") == 1
+
+
+def test_resume_from_a_model_file_says_it_is_not_a_checkpoint(fake_mnist, tmp_path, capsys):
+    mt.save(mt.build_model(), tmp_path / "model.pth")
+    argv = cli(tmp_path, fake_mnist, "--resume", "--checkpoint", str(tmp_path / "model.pth"))
+    status, err = run_main_expecting_exit(argv, capsys)
+    assert status == 1 and "is not a checkpoint of this script" in err
+
+
+@pytest.mark.parametrize("flag", ["--save", "--checkpoint"])
+@pytest.mark.parametrize("where", ["missing-folder/out.pth", "a-file/out.pth", "."])
+def test_unwritable_outputs_are_refused_before_training(flag, where, fake_mnist, tmp_path, capsys, monkeypatch):
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setattr(mt, "load_mnist", lambda *args, **kwargs: pytest.fail("loaded data before checking outputs"))
+    status, err = run_main_expecting_exit(cli(tmp_path, fake_mnist, flag, str(tmp_path / where)), capsys)
+    assert status == 1 and err.startswith(f"error: {flag} {tmp_path / where}")
+
+
+def test_a_diverging_loss_stops_the_run_and_keeps_the_last_checkpoint(fake_mnist, tmp_path, capsys):
+    status, err = run_main_expecting_exit(cli(tmp_path, fake_mnist, "--lr", "1e30"), capsys)
+    assert status == 1
+    assert "the training loss became nan in epoch 1: try a lower --lr (this run used 1e+30)" in err
+    assert not os.path.exists(tmp_path / "checkpoint.pt") and not os.path.exists(tmp_path / "model.pth")
+
+
+# ---------------------------------------------------------------------------
+# Real processes: a kill while writing, and Ctrl-C from the terminal
+# ---------------------------------------------------------------------------
+
+WRITER = """
+import builtins, sys, time, torch, mnist_train as mt
+path, stall_after = sys.argv[1], int(sys.argv[2])
+mt.atomic_save({"version": 1, "big": torch.full((1_000_000,), 1.0)}, path)
+
+class StallingFile:  # passes bytes through, then hangs mid-write so the test can kill us there
+    def __init__(self, file):
+        self.file, self.written = file, 0
+    def write(self, data):
+        self.written += self.file.write(data)
+        if self.written >= stall_after:
+            self.file.flush()
+            print("stalled mid-write", flush=True)
+            time.sleep(600)
+        return len(data)
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+    def __enter__(self):
+        return self
+    def __exit__(self, *exc):
+        return self.file.__exit__(*exc)
+
+mt.open = lambda *args: StallingFile(builtins.open(*args))  # what atomic_save's open() finds first
+mt.atomic_save({"version": 2, "big": torch.full((1_000_000,), 2.0)}, path)
+"""
+
+
+@pytest.mark.parametrize("stall_after", [1, 2_000_000])
+def test_a_process_killed_while_saving_leaves_the_previous_file_whole(stall_after, tmp_path):
+    path = tmp_path / "model.pth"
+    argv = [sys.executable, "-c", WRITER, str(path), str(stall_after)]
+    writer = subprocess.Popen(argv, cwd=HERE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "stalled mid-write"
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+    saved = torch.load(path, weights_only=True)
+    assert saved["version"] == 1 and torch.equal(saved["big"], torch.full((1_000_000,), 1.0))
+
+
+def test_ctrl_c_in_a_real_process_exits_130_with_one_line(tmp_path):
+    data_dir = write_fake_mnist(tmp_path / "data", n_train=2000, n_test=20)
+    argv = [sys.executable, "-u", "mnist_train.py", *cli(tmp_path, data_dir, "--epochs", "1000")]
+    process = subprocess.Popen(argv, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not process.stdout.readline().startswith("epoch  2/1000"):
+        pass
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert err.strip().startswith(f"interrupted: {tmp_path / 'checkpoint.pt'} holds epoch")
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] >= 2
