@@ -71,14 +71,14 @@ class UserError(Exception):
 # is then one indexing op instead of 64 PIL conversions (bench/ measures the difference).
 
 
-def check_idx_file(path):
-    """Raise UserError naming `path` unless it is a complete uint8 IDX file."""
+def check_idx_file(path, ndim):
+    """Raise UserError naming `path` unless it is a complete uint8 IDX file of `ndim` dimensions."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         # IDX header: two zero bytes, type 0x08 (uint8), the number of dims, then each
         # dim as a big-endian uint32; the data must fill the rest of the file exactly.
         magic = f.read(4)
-        ok = len(magic) == 4 and magic[:3] == b"\x00\x00\x08" and magic[3] in (1, 3)
+        ok = len(magic) == 4 and magic[:3] == b"\x00\x00\x08" and magic[3] == ndim
         if ok:
             dims = f.read(4 * magic[3])
             ok = len(dims) == 4 * magic[3]
@@ -95,9 +95,10 @@ def load_mnist(data_dir, train, device):
     """Return one MNIST split as (x, y) on `device`: x [N, 1, 28, 28] normalized float32, y [N] int64."""
     raw = os.path.join(data_dir, "MNIST", "raw")
     split = "train" if train else "t10k"
-    for name in (f"{split}-images-idx3-ubyte", f"{split}-labels-idx1-ubyte"):
-        if os.path.exists(os.path.join(raw, name)):
-            check_idx_file(os.path.join(raw, name))
+    images, labels = os.path.join(raw, f"{split}-images-idx3-ubyte"), os.path.join(raw, f"{split}-labels-idx1-ubyte")
+    for path, ndim in ((images, 3), (labels, 1)):
+        if os.path.exists(path):
+            check_idx_file(path, ndim)
     try:
         dataset = datasets.MNIST(data_dir, train=train, download=True)
     except (RuntimeError, OSError) as error:
@@ -106,8 +107,10 @@ def load_mnist(data_dir, train, device):
             f"offline, put the four files {', '.join(MNIST_FILES)} there, "
             f"gunzipped from {MNIST_MIRROR}<name>.gz"
         ) from None
+    if len(dataset.targets) != len(dataset.data):
+        raise UserError(f"{labels} holds {len(dataset.targets)} labels for {len(dataset.data)} images in {images}")
     if dataset.targets.max() > 9:
-        raise UserError(f"{os.path.join(raw, split + '-labels-idx1-ubyte')} has labels above 9: corrupt")
+        raise UserError(f"{labels} has labels above 9: corrupt")
     # Move the uint8 pixels first (4x less to copy), then scale on the device exactly as
     # ToTensor (/255) followed by Normalize(MNIST_MEAN, MNIST_STD) would.
     x = dataset.data.to(device).float().div(255).sub(MNIST_MEAN).div(MNIST_STD).unsqueeze(1)
@@ -127,7 +130,8 @@ def iterate_batches(x, y, batch_size, generator=None):
             yield x[start : start + batch_size], y[start : start + batch_size]
         else:
             index = order[start : start + batch_size]
-            yield x[index], y[index]
+            # Same rows as x[index]; index_select gathers them ~2.5x faster on the CPU (measured).
+            yield x.index_select(0, index), y.index_select(0, index)
 
 
 def pick_device(name="auto"):
@@ -197,8 +201,8 @@ def make_loss():
 def make_optimizer(model, name="adam", lr=None):
     """Return Adam or SGD (momentum 0.9) over the model's parameters; lr defaults to DEFAULT_LR[name]."""
     lr = DEFAULT_LR[name] if lr is None else lr
-    # fused=True: one kernel updates every parameter instead of several per tensor;
-    # same arithmetic, fewer launches. PyTorch provides it on CPU and CUDA.
+    # fused=True: one kernel updates every parameter instead of several per tensor: the
+    # same update rule, fewer launches. PyTorch provides it on CPU and CUDA.
     fused = next(model.parameters()).device.type in ("cpu", "cuda")
     if name == "adam":
         return torch.optim.Adam(model.parameters(), lr=lr, fused=fused)
@@ -229,26 +233,34 @@ def make_scheduler(optimizer, total_steps):
 # ---------------------------------------------------------------------------
 
 
+def train_step(model, x, y, loss_fn, optimizer):
+    """One step of the guide's loop on one batch; return the loss as a tensor (reading it would sync).
+
+    Invariant (tested): gradients left in .grad from before do not change the step.
+    """
+    # 1) Clear old gradients first: backward() adds into .grad, it does not overwrite.
+    optimizer.zero_grad()
+    # 2) Forward pass and loss.
+    logits = model(x)
+    loss = loss_fn(logits, y)
+    # 3) Backward pass: fill .grad of every parameter.
+    loss.backward()
+    # 4) Update the parameters.
+    optimizer.step()
+    return loss
+
+
 def train_epoch(model, batches, loss_fn, optimizer, scheduler=None):
     """Train on each (x, y) in `batches` once; return the mean training loss as a float.
 
-    Invariants (tested): gradients left over from before do not change a step; on
-    learnable data the loss goes down.
+    Invariant (tested): on learnable data the loss goes down.
     """
     model.train()  # the mode matters for dropout/batch-norm layers; set it every epoch
     loss_sum, count = 0.0, 0
     for x, y in batches:
-        # 1) Clear old gradients first: backward() adds into .grad, it does not overwrite.
-        optimizer.zero_grad()
-        # 2) Forward pass and loss.
-        logits = model(x)
-        loss = loss_fn(logits, y)
-        # 3) Backward pass: fill .grad of every parameter.
-        loss.backward()
-        # 4) Update the parameters, then move the learning rate one step along its schedule.
-        optimizer.step()
+        loss = train_step(model, x, y, loss_fn, optimizer)
         if scheduler is not None:
-            scheduler.step()
+            scheduler.step()  # the schedule counts optimizer steps, not epochs
         # Keep the running sum on the device: loss.item() here would make the CPU wait
         # for the GPU at every step. We read it back once, at the end of the epoch.
         loss_sum = loss_sum + loss.detach() * len(y)
@@ -256,6 +268,72 @@ def train_epoch(model, batches, loss_fn, optimizer, scheduler=None):
     if count == 0:
         raise ValueError("train_epoch got no batches")
     return (loss_sum / count).item()
+
+
+# Opt-in (--compile): the same epoch with each step replayed as one CUDA graph.
+# On a GPU this small MLP is bound by launching tens of tiny kernels per step, not by
+# arithmetic; a captured graph launches them all at once. Same math as train_epoch.
+
+
+def make_graphed_train_epoch(model, loss_fn, optimizer, scheduler, x, y, batch_size, warmup_steps=3):
+    """Return train(generator) -> mean loss: train_epoch over iterate_batches(x, y, batch_size, generator),
+    with each full batch replayed from one captured CUDA graph (CUDA and Adam only).
+
+    Invariants (tested on a GPU): same weights as train_epoch, to a tolerance; stale .grad
+    contents do not change a replayed step.
+    """
+    # A graph replays fixed memory addresses, so the batch, its indices and the running
+    # loss live in tensors made once; the learning rate becomes a tensor the schedule
+    # updates in place (capturable=True lets Adam read it, and its step count, on the GPU).
+    for group in optimizer.param_groups:
+        group["capturable"] = True
+        group["lr"] = torch.tensor(float(group["lr"]), device=x.device)
+    index = torch.zeros(batch_size, dtype=torch.long, device=x.device)
+    x_batch, y_batch = x[:batch_size].clone(), y[:batch_size].clone()
+    loss_sum = torch.zeros((), device=x.device)
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    steps_seen = 0
+
+    def step():
+        torch.index_select(x, 0, index, out=x_batch)
+        torch.index_select(y, 0, index, out=y_batch)
+        # train_step clears .grad first, so the graph holds the gradient reset too.
+        loss = train_step(model, x_batch, y_batch, loss_fn, optimizer)
+        loss_sum.add_(loss.detach() * batch_size)
+
+    def train(generator):
+        nonlocal steps_seen
+        model.train()
+        loss_sum.zero_()
+        order = torch.randperm(len(x), generator=generator).to(x.device)  # as iterate_batches draws it
+        full = len(x) - len(x) % batch_size
+        for start in range(0, full, batch_size):
+            index.copy_(order[start : start + batch_size])
+            if steps_seen > warmup_steps:
+                graph.replay()
+            else:
+                # A few real steps run eagerly first (on the capture stream, as PyTorch's
+                # CUDA-graph notes advise) so that lazy state such as Adam's moments exists;
+                # then one capture. Capturing records kernels without running them: replay.
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    if steps_seen < warmup_steps:
+                        step()
+                    else:
+                        with torch.cuda.graph(graph, stream=stream):
+                            step()
+                        graph.replay()
+                torch.cuda.current_stream().wait_stream(stream)
+                steps_seen += 1
+            scheduler.step()
+        if full < len(x):  # the last, smaller batch runs eagerly: same step, other shape
+            rest = order[full:]
+            loss = train_step(model, x[rest], y[rest], loss_fn, optimizer)
+            loss_sum.add_(loss.detach() * len(rest))
+            scheduler.step()
+        return (loss_sum / len(x)).item()
+
+    return train
 
 
 # ---------------------------------------------------------------------------
@@ -407,9 +485,12 @@ def load_checkpoint(checkpoint, path, model, optimizer, scheduler, generator):
         raise UserError(f"{path}: the optimizer state does not fit ({error})") from None
     # The schedule is rebuilt for this run's --epochs: set the learning rate for the step
     # we are at (the same value when --epochs is unchanged, so resuming is bit-exact).
+    # A plain float and capturable off: a --compile run saved a tensor and capturable on.
     factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
     for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
-        group["lr"] = base_lr * factor
+        group["lr"] = float(base_lr) * factor
+        if "capturable" in group:
+            group["capturable"] = False
     torch.set_rng_state(checkpoint["rng"]["torch"].cpu())
     generator.set_state(checkpoint["rng"]["shuffle"].cpu())
     return checkpoint["epoch"]
@@ -490,6 +571,7 @@ def parse_args(argv=None):
     parser.add_argument("--checkpoint", default="checkpoint.pt", help="resume file, written every epoch (default checkpoint.pt)")
     parser.add_argument("--resume", action="store_true", help="continue the run saved in --checkpoint")
     parser.add_argument("--load", metavar="PATH", help="start from these saved weights")
+    parser.add_argument("--compile", action="store_true", help="replay each training step as a CUDA graph (CUDA, adam)")
     args = parser.parse_args(argv)
     if args.resume and args.load:
         parser.error("--resume and --load exclude each other: --resume already restores the weights")
@@ -567,6 +649,14 @@ def run(args):
                 "add --resume to continue it, or move it away to start over"
             )
     settings = resolve_settings(args, saved)
+    if args.compile and training:
+        if device.type != "cuda":
+            raise UserError(
+                f"--compile replays the training step as a CUDA graph, and CUDA graphs exist only on "
+                f"CUDA devices: use --device cuda, or drop --compile on {device}"
+            )
+        if settings["optimizer"] != "adam":
+            raise UserError("--compile needs --optimizer adam: SGD cannot read its learning rate inside a graph")
     if saved is not None and checkpoint["epoch"] > settings["epochs"]:
         raise UserError(f"{args.checkpoint} has already trained {checkpoint['epoch']} epochs: ask for more with --epochs")
 
@@ -603,14 +693,21 @@ def run(args):
         print(f"test loss {test_loss:.4f}  test accuracy {100 * accuracy:.2f}% ({args.load}, not trained)")
         return {"test_loss": test_loss, "test_accuracy": accuracy, "epochs": 0}
 
+    if args.compile:
+        graphed_train_epoch = make_graphed_train_epoch(
+            model, loss_fn, optimizer, scheduler, x_train, y_train, settings["batch_size"]
+        )
     history = []
     done = start_epoch
     try:
         for epoch in range(start_epoch + 1, settings["epochs"] + 1):
-            batches = iterate_batches(x_train, y_train, settings["batch_size"], generator)
-            label = f"epoch {epoch}/{settings['epochs']}"
             start = time.perf_counter()
-            train_loss = train_epoch(model, show_progress(batches, steps_per_epoch, label), loss_fn, optimizer, scheduler)
+            if args.compile:
+                train_loss = graphed_train_epoch(generator)
+            else:
+                batches = iterate_batches(x_train, y_train, settings["batch_size"], generator)
+                batches = show_progress(batches, steps_per_epoch, f"epoch {epoch}/{settings['epochs']}")
+                train_loss = train_epoch(model, batches, loss_fn, optimizer, scheduler)
             seconds = time.perf_counter() - start  # train_epoch's .item() waited for the device
             if not math.isfinite(train_loss):
                 raise UserError(

@@ -261,6 +261,78 @@ def test_weights_saved_on_cuda_load_on_cpu(seed, tmp_path):
         torch.testing.assert_close(gpu_model(x.cuda()).cpu(), cpu_model(x), **CROSS_DEVICE_TOLERANCE)
 
 
+# ---------------------------------------------------------------------------
+# --compile: the same training, replayed as a CUDA graph
+# ---------------------------------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+# Graph and eager runs use the same kernels on the same data, but capturable Adam keeps
+# its step count on the GPU: allow float32 noise from there, amplified by Adam's 1/sqrt(v).
+GRAPH_TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
+
+
+def graph_and_eager_runs(seed, n, batch_size):
+    """Two identical setups on CUDA: (model, optimizer, scheduler) for the eager loop and for the graph."""
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(seed)
+        model = mt.build_model("cuda")
+        optimizer = mt.make_optimizer(model)
+        runs.append((model, optimizer, mt.make_scheduler(optimizer, 2 * math.ceil(n / batch_size))))
+    return runs
+
+
+@needs_cuda
+@given(seed=seeds, n=st.integers(130, 300), batch_size=st.sampled_from([16, 32, 64]))
+def test_graphed_epochs_match_eager_epochs(seed, n, batch_size):
+    images, labels = learnable_images(n, seed)
+    x, y = normalized(images).cuda(), labels.cuda()
+    (eager, eager_opt, eager_sched), (graphed, graphed_opt, graphed_sched) = graph_and_eager_runs(seed, n, batch_size)
+    train = mt.make_graphed_train_epoch(graphed, mt.make_loss(), graphed_opt, graphed_sched, x, y, batch_size)
+    eager_gen, graphed_gen = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+    for _ in range(2):
+        batches = mt.iterate_batches(x, y, batch_size, eager_gen)
+        eager_loss = mt.train_epoch(eager, batches, mt.make_loss(), eager_opt, eager_sched)
+        graphed_loss = train(graphed_gen)
+        assert graphed_loss == pytest.approx(eager_loss, rel=1e-4)
+    for name, tensor in eager.state_dict().items():
+        torch.testing.assert_close(graphed.state_dict()[name], tensor, **GRAPH_TOLERANCE)
+
+
+@needs_cuda
+@given(seed=seeds)
+def test_stale_gradients_do_not_change_a_replayed_step(seed):
+    n, batch_size = 256, 32  # no smaller last batch: after an epoch, .grad holds the graph's buffers
+    images, labels = learnable_images(n, seed)
+    x, y = normalized(images).cuda(), labels.cuda()
+    trainers = []
+    for model, optimizer, scheduler in graph_and_eager_runs(seed, n, batch_size):
+        train = mt.make_graphed_train_epoch(model, mt.make_loss(), optimizer, scheduler, x, y, batch_size)
+        train(torch.Generator().manual_seed(seed))
+        trainers.append((model, train))
+    for p in trainers[1][0].parameters():  # garbage where the graph keeps its gradients
+        p.grad.copy_(torch.randn_like(p.grad))
+    for _, train in trainers:
+        train(torch.Generator().manual_seed(seed + 1))
+    assert_same_state(state_of(trainers[0][0]), state_of(trainers[1][0]))
+
+
+@needs_cuda
+def test_compile_trains_end_to_end_and_saves_a_plain_state_dict(fake_mnist, tmp_path):
+    argv = cli(tmp_path, fake_mnist, "--epochs", "3", "--compile")
+    metrics = mt.main([*argv, "--device", "cuda"])
+    assert metrics["test_accuracy"] > 0.9
+    plain = mt.Net()
+    plain.load_state_dict(torch.load(tmp_path / "model.pth"))  # no _orig_mod. prefixes, CPU tensors
+    resumed = mt.main([*argv, "--device", "cpu", "--resume", "--epochs", "4"])  # a graph run resumes on CPU
+    assert len(resumed["history"]) == 1
+
+
+def test_compile_on_the_cpu_says_why_not(fake_mnist, tmp_path, capsys):
+    status, err = run_main_expecting_exit(cli(tmp_path, fake_mnist, "--compile"), capsys)
+    assert status == 1 and "CUDA graphs exist only on CUDA devices" in err and err.count("\n") == 1
+
+
 @given(seed=seeds)
 def test_same_seed_gives_identical_weights_on_cpu(seed, tmp_path):
     data_dir = write_fake_mnist(tmp_path / "data", n_train=96, n_test=20)
@@ -519,6 +591,20 @@ def test_a_truncated_mnist_file_is_named(name, cut, tmp_path_factory, capsys):
     status, err = run_main_expecting_exit(cli(tmp_path, data_dir), capsys)
     assert status == 1
     assert err.strip() == f"error: {path} is truncated or corrupt: delete it and fetch it again from {mt.MNIST_MIRROR}"
+
+
+def test_images_and_labels_of_different_counts_are_named(fake_mnist, tmp_path, capsys):
+    labels = os.path.join(fake_mnist, "MNIST", "raw", "train-labels-idx1-ubyte")
+    write_idx(labels, torch.zeros(319, dtype=torch.uint8))
+    status, err = run_main_expecting_exit(cli(tmp_path, fake_mnist), capsys)
+    assert status == 1 and f"{labels} holds 319 labels for 320 images" in err
+
+
+def test_labels_where_images_belong_are_refused(fake_mnist, tmp_path, capsys):
+    images = os.path.join(fake_mnist, "MNIST", "raw", "t10k-images-idx3-ubyte")
+    write_idx(images, torch.zeros(100, dtype=torch.uint8))  # a one-dimensional (labels) file
+    status, err = run_main_expecting_exit(cli(tmp_path, fake_mnist), capsys)
+    assert status == 1 and f"{images} is truncated or corrupt" in err
 
 
 def test_labels_out_of_range_are_named(fake_mnist, tmp_path, capsys):
