@@ -299,7 +299,8 @@ def make_graphed_train_epoch(model, loss_fn, optimizer, scheduler, x, y, batch_s
     def step():
         torch.index_select(x, 0, index, out=x_batch)
         torch.index_select(y, 0, index, out=y_batch)
-        # train_step clears .grad first, so the graph holds the gradient reset too.
+        # train_step sets .grad to None first, so the captured backward writes fresh
+        # gradients instead of adding to old ones: the gradient reset is in the graph.
         loss = train_step(model, x_batch, y_batch, loss_fn, optimizer)
         loss_sum.add_(loss.detach() * batch_size)
 
@@ -330,7 +331,7 @@ def make_graphed_train_epoch(model, loss_fn, optimizer, scheduler, x, y, batch_s
             scheduler.step()
         if full < len(x):  # the last, smaller batch runs eagerly: same step, other shape
             rest = order[full:]
-            loss = train_step(model, x[rest], y[rest], loss_fn, optimizer)
+            loss = train_step(model, x.index_select(0, rest), y.index_select(0, rest), loss_fn, optimizer)
             loss_sum.add_(loss.detach() * len(rest))
             scheduler.step()
         return (loss_sum / len(x)).item()
@@ -346,8 +347,9 @@ def make_graphed_train_epoch(model, loss_fn, optimizer, scheduler, x, y, batch_s
 def evaluate(model, batches, loss_fn):
     """Return (mean loss, accuracy in [0, 1]) over all of `batches`, as Python floats.
 
-    Invariant (tested): exact for any batch size; we sum per sample, then divide by the
-    number of samples (a mean of batch means is wrong when the last batch is smaller).
+    Invariant (tested): the same for any batch size (accuracy exactly, loss to float
+    rounding): we sum per sample, then divide by the number of samples. A mean of batch
+    means would be wrong whenever the last batch is smaller.
     """
     model.eval()
     loss_sum, correct, count = 0.0, 0, 0
@@ -389,8 +391,8 @@ def atomic_save(obj, path):
 def save(model, path):
     """Save the model's state_dict to `path`, atomically, with tensors on the CPU.
 
-    On the CPU, the guide's one-liner model.load_state_dict(torch.load(path)) works on
-    any machine, also for weights trained on a GPU.
+    CPU tensors make the guide's one-liner model.load_state_dict(torch.load(path)) work
+    on any machine, also for weights trained on a GPU.
     """
     atomic_save({name: t.detach().cpu() for name, t in model.state_dict().items()}, path)
 
@@ -471,30 +473,40 @@ def read_checkpoint(path, device):
     """Read a checkpoint written by save_checkpoint, checking it is one."""
     checkpoint = read_file(path, map_location=device)
     keys = {"model", "optimizer", "scheduler", "epoch", "rng", "settings"}
-    if not isinstance(checkpoint, dict) or not keys <= checkpoint.keys():
+    if (
+        not isinstance(checkpoint, dict)
+        or not keys <= checkpoint.keys()
+        or not isinstance(checkpoint["epoch"], int)
+        or not isinstance(checkpoint["settings"], dict)
+        or not checkpoint["settings"].keys() >= {"epochs", "batch_size", "optimizer", "seed", "lr"}
+    ):
         raise UserError(f"{path} is not a checkpoint of this script (weights only? start from them with --load)")
     return checkpoint
 
 
 def load_checkpoint(checkpoint, path, model, optimizer, scheduler, generator):
-    """Restore the state saved by save_checkpoint; return the number of epochs already done."""
+    """Restore the state saved by save_checkpoint; return the number of epochs already done.
+
+    Invariant (tested): on the CPU, resuming after any epoch ends bit-identical to a run
+    that was never interrupted.
+    """
     check_fits(model, checkpoint["model"], path)
     model.load_state_dict(checkpoint["model"])
     try:
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
-    except (ValueError, KeyError) as error:
-        raise UserError(f"{path}: the optimizer state does not fit ({error})") from None
-    # The schedule is rebuilt for this run's --epochs: set the learning rate for the step
-    # we are at (the same value when --epochs is unchanged, so resuming is bit-exact).
-    # A plain float and capturable off: a --compile run saved a tensor and capturable on.
-    factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
-    for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
-        group["lr"] = float(base_lr) * factor
-        if "capturable" in group:
-            group["capturable"] = False
-    torch.set_rng_state(checkpoint["rng"]["torch"].cpu())
-    generator.set_state(checkpoint["rng"]["shuffle"].cpu())
+        # The schedule is rebuilt for this run's --epochs: set the learning rate for the
+        # step we are at (the same value when --epochs is unchanged: resuming is exact).
+        # A plain float and capturable off: a --compile run saved a tensor and capturable on.
+        factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+        for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = float(base_lr) * factor
+            if "capturable" in group:
+                group["capturable"] = False
+        torch.set_rng_state(checkpoint["rng"]["torch"].cpu())
+        generator.set_state(checkpoint["rng"]["shuffle"].cpu())
+    except (ValueError, KeyError, TypeError, RuntimeError, AttributeError) as error:
+        raise UserError(f"{path}: the optimizer or random state does not fit ({error})") from None
     return checkpoint["epoch"]
 
 
@@ -526,7 +538,7 @@ def positive(kind):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if kind is int else ''}number") from None
         if not (math.isfinite(value) and value > 0):
             raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
         return value
@@ -535,13 +547,13 @@ def positive(kind):
 
 
 def non_negative_int(text):
-    """An argparse type: an int >= 0."""
+    """An argparse type: an int from 0 to 2**63 - 1 (what torch.manual_seed takes, too)."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 2**63 - 1, got {text}")
     return value
 
 
@@ -573,7 +585,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=positive(int), help="training batch size (default 64)")
     parser.add_argument("--lr", type=positive(float), help="peak learning rate (default 3e-3 for adam, 0.05 for sgd)")
     parser.add_argument("--optimizer", choices=["adam", "sgd"], help="default adam")
-    parser.add_argument("--seed", type=int, help="seeds the initial weights and the shuffle (default 0)")
+    parser.add_argument("--seed", type=non_negative_int, help="seeds the initial weights and the shuffle (default 0)")
     parser.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     parser.add_argument("--data-dir", default="./data", help="MNIST goes in DATA_DIR/MNIST/raw (default ./data)")
     parser.add_argument("--save", default="model.pth", help="where to save the trained weights (default model.pth)")
@@ -721,14 +733,15 @@ def run(args):
                 batches = iterate_batches(x_train, y_train, settings["batch_size"], generator)
                 batches = show_progress(batches, steps_per_epoch, f"epoch {epoch}/{settings['epochs']}")
                 train_loss = train_epoch(model, batches, loss_fn, optimizer, scheduler)
-            seconds = time.perf_counter() - start  # train_epoch's .item() waited for the device
-            if not math.isfinite(train_loss):
+            seconds = time.perf_counter() - start  # the epoch's .item() waited for the device
+            test_loss, accuracy = test_metrics()
+            # Never train on, or checkpoint, weights that have turned into NaN or infinity.
+            if not math.isfinite(train_loss + test_loss):
                 kept = f"{args.checkpoint} keeps epoch {done}" if done else "nothing was saved"
                 raise UserError(
-                    f"the training loss became {train_loss} in epoch {epoch}: try a lower --lr "
-                    f"(this run used {settings['lr']:g}); {kept}"
+                    f"the loss became {train_loss} (train), {test_loss} (test) in epoch {epoch}: "
+                    f"try a lower --lr (this run used {settings['lr']:g}); {kept}"
                 )
-            test_loss, accuracy = test_metrics()
             save_checkpoint(args.checkpoint, model, optimizer, scheduler, generator, epoch, settings)
             done = epoch
             history.append({"train_loss": train_loss, "test_loss": test_loss, "test_accuracy": accuracy, "seconds": seconds})
@@ -768,6 +781,8 @@ def resume_flags(args):
             flags += f" {flag} {value}"
     if args.epochs is not None:
         flags += f" --epochs {args.epochs}"
+    if args.compile:
+        flags += " --compile"
     return flags
 
 

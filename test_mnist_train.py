@@ -544,7 +544,10 @@ def test_checkpoint_round_trips_through_weights_only_load(seed, epoch, tmp_path)
 @pytest.mark.parametrize(
     "flags, complaint",
     [
-        (["--epochs", "-1"], "must be 0 or more"),
+        (["--epochs", "-1"], "must be from 0 to 2**63 - 1"),
+        (["--seed", "-3"], "must be from 0 to 2**63 - 1"),
+        (["--seed", str(2**64)], "must be from 0 to 2**63 - 1"),
+        (["--batch-size", "2.5"], "'2.5' is not a whole number"),
         (["--epochs", "0"], "--epochs 0 trains nothing"),
         (["--epochs", "two"], "is not a whole number"),
         (["--batch-size", "0"], "must be a finite number above 0"),
@@ -658,6 +661,25 @@ def test_load_explains_what_is_wrong_with_a_file(make_file, complaint, fake_mnis
     assert err.startswith(f"error: {path}") and complaint in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda checkpoint: checkpoint.pop("rng"),
+        lambda checkpoint: checkpoint["settings"].pop("lr"),
+        lambda checkpoint: checkpoint.update(epoch="three"),
+        lambda checkpoint: checkpoint["rng"].update(shuffle=torch.zeros(3)),
+        lambda checkpoint: checkpoint["optimizer"].update(param_groups=[]),
+    ],
+)
+def test_resume_from_a_damaged_checkpoint_is_a_clear_error(damage, fake_mnist, tmp_path, capsys):
+    mt.main(cli(tmp_path, fake_mnist, "--epochs", "1"))
+    checkpoint = torch.load(tmp_path / "checkpoint.pt")
+    damage(checkpoint)
+    torch.save(checkpoint, tmp_path / "checkpoint.pt")
+    status, err = run_main_expecting_exit(cli(tmp_path, fake_mnist, "--resume", "--epochs", "2"), capsys)
+    assert status == 1 and err.startswith(f"error: {tmp_path / 'checkpoint.pt'}") and err.count("\n") == 1
+
+
 def test_resume_from_a_model_file_says_it_is_not_a_checkpoint(fake_mnist, tmp_path, capsys):
     mt.save(mt.build_model(), tmp_path / "model.pth")
     argv = cli(tmp_path, fake_mnist, "--resume", "--checkpoint", str(tmp_path / "model.pth"))
@@ -677,7 +699,7 @@ def test_unwritable_outputs_are_refused_before_training(flag, where, fake_mnist,
 def test_a_diverging_loss_stops_the_run_and_keeps_the_last_checkpoint(fake_mnist, tmp_path, capsys):
     status, err = run_main_expecting_exit(cli(tmp_path, fake_mnist, "--lr", "1e30"), capsys)
     assert status == 1
-    assert "the training loss became nan in epoch 1: try a lower --lr (this run used 1e+30); nothing was saved" in err
+    assert "the loss became nan (train), nan (test) in epoch 1: try a lower --lr (this run used 1e+30); nothing was saved" in err
     assert not os.path.exists(tmp_path / "checkpoint.pt") and not os.path.exists(tmp_path / "model.pth")
 
 
