@@ -13,6 +13,7 @@ import struct
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import pytest
 import torch
@@ -246,6 +247,21 @@ def test_saved_weights_load_with_the_guides_one_liner(tmp_path):
     assert_same_state(state_of(model), state_of(plain))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_checkpoint_written_on_a_gpu_loads_on_a_cpu_only_machine(fake_mnist, tmp_path, monkeypatch):
+    mt.main(cli(tmp_path, fake_mnist, "--epochs", "1"))
+    checkpoint = torch.load(tmp_path / "checkpoint.pt")
+    # Write it again as a GPU machine would: every storage tagged as living on cuda:0.
+    with mock.patch.object(torch.serialization, "location_tag", lambda storage: "cuda:0"):
+        torch.save(checkpoint, tmp_path / "gpu.pt")
+    with pytest.raises(RuntimeError, match="CUDA"):
+        torch.load(tmp_path / "gpu.pt", weights_only=True)  # what map_location prevents
+    model = mt.load(mt.build_model("cpu"), tmp_path / "gpu.pt")
+    assert_same_state(state_of(model), checkpoint["model"])
+    resumed = mt.main(cli(tmp_path, fake_mnist, "--resume", "--checkpoint", str(tmp_path / "gpu.pt"), "--epochs", "2"))
+    assert len(resumed["history"]) == 1
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 @given(seed=seeds)
 def test_weights_saved_on_cuda_load_on_cpu(seed, tmp_path):
@@ -407,6 +423,19 @@ def test_real_mnist_reaches_98_percent_in_5_epochs(tmp_path):
 # ---------------------------------------------------------------------------
 
 
+def ctrl_c_when_epoch_starts(epoch):
+    """A stand-in for mt.train_epoch that raises KeyboardInterrupt, as Ctrl-C would, at the start of `epoch`."""
+    real_train_epoch, calls = mt.train_epoch, []
+
+    def train_epoch(*args):
+        calls.append(epoch)
+        if len(calls) == epoch:
+            raise KeyboardInterrupt
+        return real_train_epoch(*args)
+
+    return train_epoch
+
+
 @given(seed=seeds, stop_after=st.integers(1, 2), optimizer_name=st.sampled_from(["adam", "sgd"]))
 def test_resume_after_any_epoch_matches_an_uninterrupted_run(seed, stop_after, optimizer_name, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("resume")
@@ -419,21 +448,9 @@ def test_resume_after_any_epoch_matches_an_uninterrupted_run(seed, stop_after, o
     # Interrupt the second run as Ctrl-C would, when epoch stop_after + 1 starts.
     parts = tmp_path / "parts"
     parts.mkdir()
-    calls = []
-    real_train_epoch = mt.train_epoch
-
-    def interrupted_train_epoch(*args):
-        calls.append(1)
-        if len(calls) > stop_after:
-            raise KeyboardInterrupt
-        return real_train_epoch(*args)
-
-    mt.train_epoch = interrupted_train_epoch
-    try:
+    with mock.patch.object(mt, "train_epoch", ctrl_c_when_epoch_starts(stop_after + 1)):
         with pytest.raises(SystemExit) as exit_info:
             mt.main(cli(parts, data_dir, *flags))
-    finally:
-        mt.train_epoch = real_train_epoch
     assert exit_info.value.code == 130
     assert torch.load(parts / "checkpoint.pt")["epoch"] == stop_after
     assert not os.path.exists(parts / "model.pth")
@@ -447,16 +464,7 @@ def test_resume_after_any_epoch_matches_an_uninterrupted_run(seed, stop_after, o
 
 
 def test_ctrl_c_keeps_the_checkpoint_and_says_how_to_resume(fake_mnist, tmp_path, capsys, monkeypatch):
-    calls = []
-    real_train_epoch = mt.train_epoch
-
-    def interrupted_train_epoch(*args):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_train_epoch(*args)
-
-    monkeypatch.setattr(mt, "train_epoch", interrupted_train_epoch)
+    monkeypatch.setattr(mt, "train_epoch", ctrl_c_when_epoch_starts(2))
     status, err = run_main_expecting_exit(cli(tmp_path, fake_mnist, "--epochs", "3"), capsys)
     assert status == 130
     message = err.strip()
