@@ -25,7 +25,7 @@ import mnist_train as mt
 # One place for Hypothesis settings. Training and CUDA make example times vary, so no
 # deadline; the `ci` profile (chosen when CI is set) is derandomized: same examples each run.
 settings.register_profile(
-    "default", max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    "default", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 settings.register_profile("ci", settings.get_profile("default"), derandomize=True, database=None, print_blob=True)
 settings.load_profile("ci" if os.environ.get("CI") else "default")
