@@ -28,6 +28,7 @@ import pickle
 import struct
 import sys
 import time
+import warnings
 
 import torch
 import torch.nn as nn
@@ -296,6 +297,13 @@ def make_graphed_train_epoch(model, loss_fn, optimizer, scheduler, x, y, batch_s
     graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
     steps_seen = 0
 
+    def eager(function, *args):
+        # Adam warns once that capturable=True is slower outside a graph: true, and only the
+        # warm-up steps and each epoch's last, smaller batch run outside it.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="This instance was constructed with capturable=True")
+            return function(*args)
+
     def step():
         torch.index_select(x, 0, index, out=x_batch)
         torch.index_select(y, 0, index, out=y_batch)
@@ -321,7 +329,7 @@ def make_graphed_train_epoch(model, loss_fn, optimizer, scheduler, x, y, batch_s
                 stream.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(stream):
                     if steps_seen < warmup_steps:
-                        step()
+                        eager(step)
                     else:
                         with torch.cuda.graph(graph, stream=stream):
                             step()
@@ -331,7 +339,7 @@ def make_graphed_train_epoch(model, loss_fn, optimizer, scheduler, x, y, batch_s
             scheduler.step()
         if full < len(x):  # the last, smaller batch runs eagerly: same step, other shape
             rest = order[full:]
-            loss = train_step(model, x.index_select(0, rest), y.index_select(0, rest), loss_fn, optimizer)
+            loss = eager(train_step, model, x.index_select(0, rest), y.index_select(0, rest), loss_fn, optimizer)
             loss_sum.add_(loss.detach() * len(rest))
             scheduler.step()
         return (loss_sum / len(x)).item()
