@@ -88,9 +88,7 @@ def check_idx_file(path, ndim):
             shape = struct.unpack(f">{magic[3]}I", dims)
             ok = size == 4 + len(dims) + math.prod(shape)
     if not ok:
-        raise UserError(
-            f"{path} is truncated or corrupt: delete it and fetch it again from {MNIST_MIRROR}"
-        )
+        raise UserError(f"{path} is truncated or corrupt: delete it and fetch it again from {MNIST_MIRROR}")
 
 
 def load_mnist(data_dir, train, device):
@@ -150,7 +148,9 @@ def pick_device(name="auto"):
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise UserError(f"--device {name}: CUDA is not available here (torch {torch.__version__}); use --device cpu")
+            raise UserError(
+                f"--device {name}: CUDA is not available here (torch {torch.__version__}); use --device cpu"
+            )
         if (device.index or 0) >= count:
             raise UserError(f"--device {name}: only {count} CUDA device(s) visible (cuda:0 to cuda:{count - 1})")
     if device.type == "mps" and not torch.backends.mps.is_available():
@@ -589,15 +589,21 @@ def parse_args(argv=None):
     """Parse the flags; a usage error exits with status 2 and a one-line message."""
     parser = OneLineParser(description="Train the guide's MLP on MNIST.")
     # Settings a checkpoint remembers default to None: --resume then takes the checkpoint's.
-    parser.add_argument("--epochs", type=non_negative_int, help="total epochs (default 5; 0 with --load only evaluates)")
+    parser.add_argument(
+        "--epochs", type=non_negative_int, help="total epochs (default 5; 0 with --load only evaluates)"
+    )
     parser.add_argument("--batch-size", type=positive(int), help="training batch size (default 64)")
     parser.add_argument("--lr", type=positive(float), help="peak learning rate (default 3e-3 for adam, 0.05 for sgd)")
     parser.add_argument("--optimizer", choices=["adam", "sgd"], help="default adam")
     parser.add_argument("--seed", type=non_negative_int, help="seeds the initial weights and the shuffle (default 0)")
-    parser.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    parser.add_argument(
+        "--device", type=device_name, default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)"
+    )
     parser.add_argument("--data-dir", default="./data", help="MNIST goes in DATA_DIR/MNIST/raw (default ./data)")
     parser.add_argument("--save", default="model.pth", help="where to save the trained weights (default model.pth)")
-    parser.add_argument("--checkpoint", default="checkpoint.pt", help="resume file, written every epoch (default checkpoint.pt)")
+    parser.add_argument(
+        "--checkpoint", default="checkpoint.pt", help="resume file, written every epoch (default checkpoint.pt)"
+    )
     parser.add_argument("--resume", action="store_true", help="continue the run saved in --checkpoint")
     parser.add_argument("--load", metavar="PATH", help="start from these saved weights")
     parser.add_argument("--compile", action="store_true", help="replay each training step as a CUDA graph (CUDA, adam)")
@@ -690,7 +696,9 @@ def run(args):
         if settings["optimizer"] != "adam":
             raise UserError("--compile needs --optimizer adam: SGD cannot read its learning rate inside a graph")
     if saved is not None and checkpoint["epoch"] > settings["epochs"]:
-        raise UserError(f"{args.checkpoint} has already trained {checkpoint['epoch']} epochs: ask for more with --epochs")
+        raise UserError(
+            f"{args.checkpoint} has already trained {checkpoint['epoch']} epochs: ask for more with --epochs"
+        )
 
     # Seed once, before anything random: the initial weights, then the shuffle order.
     torch.manual_seed(settings["seed"])
@@ -752,7 +760,9 @@ def run(args):
                 )
             save_checkpoint(args.checkpoint, model, optimizer, scheduler, generator, epoch, settings)
             done = epoch
-            history.append({"train_loss": train_loss, "test_loss": test_loss, "test_accuracy": accuracy, "seconds": seconds})
+            history.append(
+                {"train_loss": train_loss, "test_loss": test_loss, "test_accuracy": accuracy, "seconds": seconds}
+            )
             print(
                 f"epoch {epoch:>2}/{settings['epochs']}  train loss {train_loss:.4f}  test loss {test_loss:.4f}  "
                 f"test acc {100 * accuracy:6.2f}%  {seconds:6.2f} s  {len(x_train) / seconds:>9,.0f} img/s",

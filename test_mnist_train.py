@@ -12,7 +12,6 @@ import statistics
 import struct
 import subprocess
 import sys
-import time
 from unittest import mock
 
 import pytest
@@ -498,9 +497,7 @@ def test_a_fresh_run_does_not_overwrite_an_unfinished_checkpoint(fake_mnist, tmp
     assert (tmp_path / "checkpoint.pt").read_bytes() == unfinished
 
 
-@given(
-    total_before=st.integers(10, 200), extra=st.integers(0, 200), done_fraction=st.floats(0.1, 1.0)
-)
+@given(total_before=st.integers(10, 200), extra=st.integers(0, 200), done_fraction=st.floats(0.1, 1.0))
 def test_resuming_follows_the_schedule_of_the_new_total(total_before, extra, done_fraction, tmp_path):
     model, optimizer, scheduler, generator, _, settings = unfinished_run_state(total_before)
     for _ in range(int(done_fraction * total_before)):
@@ -536,7 +533,9 @@ def unfinished_run_state(total_steps=10):
 def test_checkpoint_round_trips_through_weights_only_load(seed, epoch, tmp_path):
     torch.manual_seed(seed)
     model, optimizer, scheduler, generator, _, settings = unfinished_run_state()
-    mt.train_epoch(model, [(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,)))], mt.make_loss(), optimizer, scheduler)
+    mt.train_epoch(
+        model, [(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,)))], mt.make_loss(), optimizer, scheduler
+    )
     generator.manual_seed(seed)
     mt.save_checkpoint(tmp_path / "c.pt", model, optimizer, scheduler, generator, epoch, settings)
     checkpoint = mt.read_checkpoint(tmp_path / "c.pt", "cpu")  # weights_only=True inside
@@ -627,7 +626,9 @@ def test_labels_where_images_belong_are_refused(fake_mnist, tmp_path, capsys):
 
 
 def test_labels_out_of_range_are_named(fake_mnist, tmp_path, capsys):
-    write_idx(os.path.join(fake_mnist, "MNIST", "raw", "t10k-labels-idx1-ubyte"), torch.full((100,), 200, dtype=torch.uint8))
+    write_idx(
+        os.path.join(fake_mnist, "MNIST", "raw", "t10k-labels-idx1-ubyte"), torch.full((100,), 200, dtype=torch.uint8)
+    )
     status, err = run_main_expecting_exit(cli(tmp_path, fake_mnist), capsys)
     assert status == 1 and "t10k-labels-idx1-ubyte has labels above 9" in err
 
@@ -708,7 +709,10 @@ def test_unwritable_outputs_are_refused_before_training(flag, where, fake_mnist,
 def test_a_diverging_loss_stops_the_run_and_keeps_the_last_checkpoint(fake_mnist, tmp_path, capsys):
     status, err = run_main_expecting_exit(cli(tmp_path, fake_mnist, "--lr", "1e30"), capsys)
     assert status == 1
-    assert "the loss became nan (train), nan (test) in epoch 1: try a lower --lr (this run used 1e+30); nothing was saved" in err
+    assert (
+        "the loss became nan (train), nan (test) in epoch 1: try a lower --lr (this run used 1e+30); nothing was saved"
+        in err
+    )
     assert not os.path.exists(tmp_path / "checkpoint.pt") and not os.path.exists(tmp_path / "model.pth")
 
 
