@@ -396,13 +396,18 @@ def atomic_save(obj, path):
             os.remove(temporary)
 
 
+def cpu_state_dict(model):
+    """The model's state_dict with every tensor copied to the CPU."""
+    return {name: t.detach().cpu() for name, t in model.state_dict().items()}
+
+
 def save(model, path):
     """Save the model's state_dict to `path`, atomically, with tensors on the CPU.
 
     CPU tensors make the guide's one-liner model.load_state_dict(torch.load(path)) work
     on any machine, also for weights trained on a GPU.
     """
-    atomic_save({name: t.detach().cpu() for name, t in model.state_dict().items()}, path)
+    atomic_save(cpu_state_dict(model), path)
 
 
 def read_file(path, map_location):
@@ -465,7 +470,7 @@ def save_checkpoint(path, model, optimizer, scheduler, generator, epoch, setting
     """
     atomic_save(
         {
-            "model": {name: t.detach().cpu() for name, t in model.state_dict().items()},
+            "model": cpu_state_dict(model),
             "optimizer": optimizer.state_dict(),  # Adam's moments or SGD's momentum
             "scheduler": scheduler.state_dict(),  # how many steps the schedule has taken
             "epoch": epoch,
