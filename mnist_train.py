@@ -662,8 +662,8 @@ def main(argv=None):
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
-    except KeyboardInterrupt:  # outside the epoch loop, which says how to resume
-        print("\ninterrupted: nothing was trained yet, nothing saved", file=sys.stderr)
+    except KeyboardInterrupt:  # before training began; the training loop says how to resume
+        print("\ninterrupted before training began: no file was changed", file=sys.stderr)
         raise SystemExit(130) from None
 
 
@@ -773,6 +773,9 @@ def run(args):
                 f"test acc {100 * accuracy:6.2f}%  {seconds:6.2f} s  {len(x_train) / seconds:>9,.0f} img/s",
                 flush=True,
             )
+        if not history:  # resumed a run that had already finished
+            test_loss, accuracy = test_metrics()
+        save(model, args.save)
     except KeyboardInterrupt:
         if done == 0:
             print("\ninterrupted before the first epoch ended: nothing saved", file=sys.stderr)
@@ -784,9 +787,6 @@ def run(args):
             )
         raise SystemExit(130) from None
 
-    if not history:  # resumed a run that had already finished
-        test_loss, accuracy = test_metrics()
-    save(model, args.save)
     print(f"test accuracy {100 * accuracy:.2f}% | model saved to {args.save}", flush=True)
     return {"test_loss": test_loss, "test_accuracy": accuracy, "epochs": settings["epochs"], "history": history}
 

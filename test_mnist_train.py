@@ -472,6 +472,24 @@ def test_ctrl_c_keeps_the_checkpoint_and_says_how_to_resume(fake_mnist, tmp_path
     assert "python mnist_train.py --resume" in message and "\n" not in message
 
 
+def test_ctrl_c_while_saving_the_model_can_still_be_resumed(fake_mnist, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(mt, "save", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+    status, err = run_main_expecting_exit(cli(tmp_path, fake_mnist, "--epochs", "2"), capsys)
+    assert status == 130 and "holds epoch 2 of 2; continue with: python mnist_train.py --resume" in err
+    monkeypatch.undo()
+    metrics = mt.main(cli(tmp_path, fake_mnist, "--resume"))
+    assert metrics["history"] == [] and os.path.exists(tmp_path / "model.pth")
+
+
+def test_ctrl_c_before_training_changes_no_file(fake_mnist, tmp_path, capsys, monkeypatch):
+    mt.main(cli(tmp_path, fake_mnist, "--epochs", "1"))
+    before = (tmp_path / "checkpoint.pt").read_bytes(), (tmp_path / "model.pth").read_bytes()
+    monkeypatch.setattr(mt, "load_mnist", lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt))
+    status, err = run_main_expecting_exit(cli(tmp_path, fake_mnist, "--resume", "--epochs", "2"), capsys)
+    assert status == 130 and err.strip() == "interrupted before training began: no file was changed"
+    assert ((tmp_path / "checkpoint.pt").read_bytes(), (tmp_path / "model.pth").read_bytes()) == before
+
+
 def test_extending_a_finished_run_trains_the_extra_epochs(fake_mnist, tmp_path, capsys):
     mt.main(cli(tmp_path, fake_mnist, "--epochs", "2"))
     metrics = mt.main(cli(tmp_path, fake_mnist, "--resume", "--epochs", "3"))
