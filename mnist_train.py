@@ -118,14 +118,21 @@ def load_mnist(data_dir, train, device):
     return x, dataset.targets.to(device)
 
 
+def shuffled_order(n, generator, device):
+    """A fresh random permutation of range(n) from `generator`, on `device`: one epoch's order.
+
+    The seeded CPU generator makes the order the same on every device for a given seed.
+    """
+    return torch.randperm(n, generator=generator).to(device)
+
+
 def iterate_batches(x, y, batch_size, generator=None):
     """Yield (x, y) mini-batches covering every sample once; in a fresh random order if given a generator.
 
     Invariant (tested): with a generator, each pass is a new permutation, on every device.
     """
-    # Step 4's DataLoader(shuffle=True), without the DataLoader: one randperm per epoch.
-    # The seeded CPU generator makes the order the same on every device for a given seed.
-    order = None if generator is None else torch.randperm(len(x), generator=generator).to(x.device)
+    # Step 4's DataLoader(shuffle=True), without the DataLoader: one permutation per epoch.
+    order = None if generator is None else shuffled_order(len(x), generator, x.device)
     for start in range(0, len(x), batch_size):
         if order is None:
             yield x[start : start + batch_size], y[start : start + batch_size]
@@ -316,7 +323,7 @@ def make_graphed_train_epoch(model, loss_fn, optimizer, scheduler, x, y, batch_s
         nonlocal steps_seen
         model.train()
         loss_sum.zero_()
-        order = torch.randperm(len(x), generator=generator).to(x.device)  # as iterate_batches draws it
+        order = shuffled_order(len(x), generator, x.device)  # the order iterate_batches would use
         full = len(x) - len(x) % batch_size
         for start in range(0, full, batch_size):
             index.copy_(order[start : start + batch_size])
