@@ -389,9 +389,14 @@ def evaluate(model, batches, loss_fn):
 # a crash or Ctrl-C leaves the old file or the new one, never half of one.
 
 
+def temporary_path(path):
+    """Where atomic_save writes before renaming: beside `path`, so the rename stays on one disk."""
+    return f"{path}.{os.getpid()}.tmp"
+
+
 def atomic_save(obj, path):
     """torch.save `obj` to `path` so that `path` never holds a partly written file."""
-    temporary = f"{path}.{os.getpid()}.tmp"
+    temporary = temporary_path(path)
     try:
         with open(temporary, "wb") as f:
             torch.save(obj, f)
@@ -537,7 +542,7 @@ def check_writable(path, flag):
         raise UserError(f"{flag} {path} is a folder: give a file name")
     if not os.path.isdir(folder):
         raise UserError(f"{flag} {path}: folder {folder} does not exist")
-    probe = f"{path}.{os.getpid()}.tmp"
+    probe = temporary_path(path)  # the very file atomic_save will need to create
     try:
         with open(probe, "wb"):
             pass
