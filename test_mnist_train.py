@@ -424,6 +424,11 @@ def test_real_mnist_reaches_98_percent_in_5_epochs(tmp_path):
 # ---------------------------------------------------------------------------
 
 
+def press_ctrl_c(*args, **kwargs):
+    """A stand-in for any function: it is interrupted, as Ctrl-C would interrupt it."""
+    raise KeyboardInterrupt
+
+
 def ctrl_c_when_epoch_starts(epoch):
     """A stand-in for mt.train_epoch that raises KeyboardInterrupt, as Ctrl-C would, at the start of `epoch`."""
     real_train_epoch, calls = mt.train_epoch, []
@@ -474,7 +479,7 @@ def test_ctrl_c_keeps_the_checkpoint_and_says_how_to_resume(fake_mnist, tmp_path
 
 
 def test_ctrl_c_while_saving_the_model_can_still_be_resumed(fake_mnist, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(mt, "save", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(mt, "save", press_ctrl_c)
     status, err = run_main_expecting_exit(cli(tmp_path, fake_mnist, "--epochs", "2"), capsys)
     assert status == 130 and "holds epoch 2 of 2; continue with: python mnist_train.py --resume" in err
     monkeypatch.undo()
@@ -485,7 +490,7 @@ def test_ctrl_c_while_saving_the_model_can_still_be_resumed(fake_mnist, tmp_path
 def test_ctrl_c_before_training_changes_no_file(fake_mnist, tmp_path, capsys, monkeypatch):
     mt.main(cli(tmp_path, fake_mnist, "--epochs", "1"))
     before = (tmp_path / "checkpoint.pt").read_bytes(), (tmp_path / "model.pth").read_bytes()
-    monkeypatch.setattr(mt, "load_mnist", lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(mt, "load_mnist", press_ctrl_c)
     status, err = run_main_expecting_exit(cli(tmp_path, fake_mnist, "--resume", "--epochs", "2"), capsys)
     assert status == 130 and err.strip() == "interrupted before training began: no file was changed"
     assert ((tmp_path / "checkpoint.pt").read_bytes(), (tmp_path / "model.pth").read_bytes()) == before
