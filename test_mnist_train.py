@@ -5,6 +5,7 @@ test runs when MNIST_DATA_DIR points at a folder holding MNIST/raw/ (CI sets it)
 """
 
 import copy
+import importlib.util
 import math
 import os
 import signal
@@ -407,6 +408,22 @@ def test_epochs_zero_with_load_only_evaluates(fake_mnist, tmp_path, capsys):
     assert "not trained" in capsys.readouterr().out
     assert not os.path.exists(tmp_path / "checkpoint.pt")  # evaluating writes nothing
 
+
+def test_the_benchmark_prints_a_row_for_every_way_and_each_way_learns(fake_mnist, capsys):
+    # bench/ is a folder of scripts, not a package: load the file as the README runs it.
+    spec = importlib.util.spec_from_file_location("benchmark", os.path.join(HERE, "bench", "benchmark.py"))
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    argv = ["--data-dir", fake_mnist, "--device", "cpu", "--epochs", "3", "--batch-size", "16", "--workers", "1"]
+    rows = benchmark.main(argv)
+    table = capsys.readouterr().out
+
+    assert [row["way"].split()[0] for row in rows] == ["(a)", "(b)", "(c)", "(c0)"]
+    for row in rows:
+        assert f"| {row['way']} |" in table
+        assert row["epoch"] > 0
+        # A speed-up must not hide a broken run: every way trains the same model to the same level.
+        assert row["accuracy"] > 0.9, row
 
 @pytest.mark.skipif(not os.environ.get("MNIST_DATA_DIR"), reason="set MNIST_DATA_DIR to a folder holding MNIST/raw/")
 def test_real_mnist_reaches_98_percent_in_5_epochs(tmp_path):

@@ -6,6 +6,8 @@ the way batches arrive differs (plus, on CUDA, the --compile graph replay):
     (a) DataLoader over torchvision MNIST, ToTensor + Normalize, shuffled, num_workers=0
     (b) the same with worker processes
     (c) the whole set as tensors on the device, a randperm per epoch (mnist_train's way)
+    (c0) for scale: (c)'s tensors with a plain step: x[index] gathers and Adam's default
+         (unfused) update, i.e. what mnist_train's per-step choices save
     (d) (c) with each step replayed as a CUDA graph (mnist_train --compile; CUDA only)
 
 Run: python bench/benchmark.py --data-dir ./data [--device auto] [--epochs 3]
@@ -39,11 +41,14 @@ def dataloader_epochs(data_dir, batch_size, workers, device, generator):
         yield ((x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in loader)
 
 
-def setup_way(make_train, device, seed, epochs, steps_per_epoch):
+def setup_way(make_train, device, seed, epochs, steps_per_epoch, fused=True):
     """A fresh model, loss, optimizer and schedule from `seed`; return (model, loss_fn, train)."""
     torch.manual_seed(seed)
     model, loss_fn = mt.build_model(device), mt.make_loss()
-    optimizer = mt.make_optimizer(model)
+    if fused:
+        optimizer = mt.make_optimizer(model)
+    else:  # Adam as the guide writes it: PyTorch picks its default (unfused) implementation
+        optimizer = torch.optim.Adam(model.parameters(), lr=mt.DEFAULT_LR["adam"])
     scheduler = mt.make_scheduler(optimizer, epochs * steps_per_epoch)
     return model, loss_fn, make_train(model, loss_fn, optimizer, scheduler)
 
@@ -76,18 +81,28 @@ def main(argv=None):
         batches = lambda: mt.iterate_batches(x_train, y_train, bs, generator)  # noqa: E731
         return lambda: mt.train_epoch(model, batches(), loss_fn, optimizer, scheduler)
 
+    def plain_way(model, loss_fn, optimizer, scheduler):
+        generator = torch.Generator().manual_seed(args.seed)
+
+        def batches():
+            order = mt.shuffled_order(len(x_train), generator, device)
+            return ((x_train[index], y_train[index]) for index in order.split(bs))
+
+        return lambda: mt.train_epoch(model, batches(), loss_fn, optimizer, scheduler)
+
     def graph_way(model, loss_fn, optimizer, scheduler):
         generator = torch.Generator().manual_seed(args.seed)
         train = mt.make_graphed_train_epoch(model, loss_fn, optimizer, scheduler, x_train, y_train, bs)
         return lambda: train(generator)
 
-    ways = [
-        ("(a) DataLoader, ToTensor+Normalize, 0 workers", loader_way(0)),
-        (f"(b) DataLoader, {args.workers} workers", loader_way(args.workers)),
-        ("(c) tensors on device (mnist_train)", tensors_way),
+    ways = [  # (name, make_train, fused optimizer)
+        ("(a) DataLoader, ToTensor+Normalize, 0 workers", loader_way(0), True),
+        (f"(b) DataLoader, {args.workers} workers", loader_way(args.workers), True),
+        ("(c) tensors on device (mnist_train)", tensors_way, True),
+        ("(c0) tensors on device, plain step (x[index], unfused Adam)", plain_way, False),
     ]
     if device.type == "cuda":
-        ways.append(("(d) tensors + CUDA graph (--compile)", graph_way))
+        ways.append(("(d) tensors + CUDA graph (--compile)", graph_way, True))
 
     gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
     print(
@@ -98,7 +113,9 @@ def main(argv=None):
     )
     # Epochs are interleaved (one of each way in turn) so that a noisy machine slows
     # every way alike: the speed-up ratios hold even when absolute seconds drift.
-    setups = [setup_way(make_train, device, args.seed, args.epochs, steps_per_epoch) for _, make_train in ways]
+    setups = [
+        setup_way(make_train, device, args.seed, args.epochs, steps_per_epoch, fused) for _, make_train, fused in ways
+    ]
     seconds = [[] for _ in ways]
     for epoch in range(args.epochs):
         for (_, _, train), times in zip(setups, seconds):
@@ -107,7 +124,7 @@ def main(argv=None):
             times.append(time.perf_counter() - start)
         print(f"  epoch {epoch + 1}/{args.epochs} done for every way", file=sys.stderr, flush=True)
     rows = []
-    for (name, _), (model, loss_fn, _), times in zip(ways, setups, seconds):
+    for (name, _, _), (model, loss_fn, _), times in zip(ways, setups, seconds):
         _, accuracy = mt.evaluate(model, mt.iterate_batches(*test_set, mt.EVAL_BATCH_SIZE), loss_fn)
         steady = statistics.median(times[1:]) if len(times) > 1 else times[0]
         rows.append({"way": name, "first": times[0], "epoch": steady, "accuracy": accuracy})
