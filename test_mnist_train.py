@@ -252,6 +252,8 @@ def test_saved_weights_load_with_the_guides_one_liner(tmp_path):
 def test_a_checkpoint_written_on_a_gpu_loads_on_a_cpu_only_machine(fake_mnist, tmp_path, monkeypatch):
     mt.main(cli(tmp_path, fake_mnist, "--epochs", "1"))
     checkpoint = torch.load(tmp_path / "checkpoint.pt")
+    for group in checkpoint["optimizer"]["param_groups"]:  # as a --compile run leaves them
+        group["lr"], group["capturable"] = torch.tensor(group["lr"]), True
     # Write it again as a GPU machine would: every storage tagged as living on cuda:0.
     with mock.patch.object(torch.serialization, "location_tag", lambda storage: "cuda:0"):
         torch.save(checkpoint, tmp_path / "gpu.pt")
@@ -425,6 +427,7 @@ def test_the_benchmark_prints_a_row_for_every_way_and_each_way_learns(fake_mnist
         # A speed-up must not hide a broken run: every way trains the same model to the same level.
         assert row["accuracy"] > 0.9, row
 
+
 @pytest.mark.skipif(not os.environ.get("MNIST_DATA_DIR"), reason="set MNIST_DATA_DIR to a folder holding MNIST/raw/")
 def test_real_mnist_reaches_98_percent_in_5_epochs(tmp_path):
     accuracies = []
@@ -554,6 +557,26 @@ def test_resuming_follows_the_schedule_of_the_new_total(total_before, extra, don
         fresh_optimizer.step()
         fresh_scheduler.step()
     assert optimizer.param_groups[0]["lr"] == fresh_optimizer.param_groups[0]["lr"]
+
+
+def test_a_compile_checkpoint_resumes_as_a_plain_eager_run(tmp_path):
+    # --compile leaves each lr as a tensor and capturable on. An eager resume must not keep
+    # them: on a GPU, Adam would warn and take its slower graph-ready path at every step.
+    model, optimizer, scheduler, generator, _, settings = unfinished_run_state()
+    for _ in range(3):
+        optimizer.step()
+        scheduler.step()
+    eager_lr = optimizer.param_groups[0]["lr"]
+    for group in optimizer.param_groups:
+        group["lr"], group["capturable"] = torch.tensor(group["lr"]), True
+    mt.save_checkpoint(tmp_path / "c.pt", model, optimizer, scheduler, generator, 1, settings)
+    model, optimizer, scheduler, generator, _, _ = unfinished_run_state()
+    mt.load_checkpoint(
+        mt.read_checkpoint(tmp_path / "c.pt", "cpu"), tmp_path / "c.pt", model, optimizer, scheduler, generator
+    )
+    for group in optimizer.param_groups:
+        assert type(group["lr"]) is float and group["lr"] == pytest.approx(eager_lr, rel=1e-6)
+        assert group["capturable"] is False
 
 
 def test_a_fresh_run_does_not_overwrite_a_file_that_is_not_a_checkpoint(fake_mnist, tmp_path, capsys):
