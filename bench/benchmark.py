@@ -1,7 +1,7 @@
 """Time training epochs fed the guide's way (a DataLoader) against mnist_train's tensors on the device.
 
 Same model, loss, optimizer, schedule, batch size and train_epoch for every row; only
-the way batches arrive differs (plus, on CUDA, the --compile graph replay):
+the way batches arrive differs (plus (c0)'s unfused Adam, and on CUDA the --compile replay):
 
     (a) DataLoader over torchvision MNIST, ToTensor + Normalize, shuffled, num_workers=0
     (b) the same with worker processes
