@@ -28,12 +28,16 @@ Run:
 """
 
 import argparse
+import contextlib
 import dataclasses
+import errno
 import math
 import os
 import pickle
+import signal
 import struct
 import sys
+import threading
 import time
 import warnings
 
@@ -509,18 +513,21 @@ def main(argv=None):
     """
     args = parse_args(argv)
     run = None
-    try:
-        run = prepare_run(args)
-        if not run.training:
-            return evaluate_saved_weights(run)
-        history = fit(run)
-        return finish(run, history)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(1) from None
-    except KeyboardInterrupt:
-        print("\n" + interrupted(run), file=sys.stderr)
-        raise SystemExit(130) from None
+    with signals_stop_the_run():
+        try:
+            run = prepare_run(args)
+            if not run.training:
+                return evaluate_saved_weights(run)
+            history = fit(run)
+            return finish(run, history)
+        except UserError as error:
+            print(f"error: {error}", file=sys.stderr)
+            raise SystemExit(1) from None
+        except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM raised as Terminated
+            terminated = isinstance(stop, Terminated)
+            # After Ctrl-C the terminal shows ^C mid-line: start ours on a fresh line.
+            print(("" if terminated else "\n") + stopped(run, stop), file=sys.stderr)
+            raise SystemExit(128 + (signal.SIGTERM if terminated else signal.SIGINT)) from None
 
 
 def prepare_run(args):
@@ -583,15 +590,17 @@ def fit(run):
         test_loss, accuracy = test_set_metrics(run)
         # 3) Never train on, or checkpoint, weights that have turned into NaN or infinity.
         if not math.isfinite(train_loss + test_loss):
-            kept = f"{run.args.checkpoint} keeps epoch {run.epochs_done}" if run.epochs_done else "nothing was saved"
             raise UserError(
                 f"the loss became {train_loss} (train), {test_loss} (test) in epoch {epoch}: "
-                f"try a lower --lr (this run used {run.settings['lr']:g}); {kept}"
+                f"try a lower --lr (this run used {run.settings['lr']:g}); {saved_so_far(run)}"
             )
         # 4) Checkpoint: from here on, Ctrl-C loses nothing of this epoch.
-        save_checkpoint(
-            run.args.checkpoint, run.model, run.optimizer, run.scheduler, run.generator, epoch, run.settings
-        )
+        try:
+            save_checkpoint(
+                run.args.checkpoint, run.model, run.optimizer, run.scheduler, run.generator, epoch, run.settings
+            )
+        except WriteError as error:
+            raise UserError(f"{error}; {how_to_go_on(run, first='once that is fixed, ')}") from None
         run.epochs_done = epoch
         # 5) Report.
         history.append(
@@ -633,7 +642,11 @@ def finish(run, history):
         test_loss, accuracy = history[-1]["test_loss"], history[-1]["test_accuracy"]
     else:  # resumed a run that had already finished
         test_loss, accuracy = test_set_metrics(run)
-    save(run.model, run.args.save)
+    try:
+        save(run.model, run.args.save)
+    except WriteError as error:
+        older = f" (the {run.args.save} already there is unchanged)" if os.path.exists(run.args.save) else ""
+        raise UserError(f"{error}{older}; {how_to_get_the_model(run)}") from None
     print(f"test accuracy {100 * accuracy:.2f}% | model saved to {run.args.save}", flush=True)
     return {"test_loss": test_loss, "test_accuracy": accuracy, "epochs": run.settings["epochs"], "history": history}
 
@@ -657,16 +670,46 @@ def show_progress(batches, total, label):
     print("\r" + " " * (len(label) + 2 * len(str(total)) + 2) + "\r", end="", file=sys.stderr)
 
 
-def interrupted(run):
-    """The line Ctrl-C leaves: what is safe on disk, and how to go on."""
+def stopped(run, stop):
+    """The line Ctrl-C or SIGTERM leaves: what is safe on disk, and how to go on."""
+    how = "terminated by SIGTERM" if isinstance(stop, Terminated) else "interrupted"
     if run is None or not run.training:
-        return "interrupted before training began: no file was changed"
+        return f"{how} before training began: no file was changed"
     if run.epochs_done == 0:
-        return "interrupted before the first epoch ended: nothing saved"
+        return f"{how} before the first epoch ended: nothing saved"
+    return f"{how}: {how_to_go_on(run)}"
+
+
+def saved_so_far(run):
+    """What --checkpoint holds of this run, in words."""
+    if run.epochs_done == 0:
+        return "nothing was saved"
+    if not os.path.exists(run.args.checkpoint):
+        return f"{run.args.checkpoint} is gone as well: nothing of this run is left"
+    return f"{run.args.checkpoint} holds epoch {run.epochs_done} of {run.settings['epochs']}"
+
+
+def how_to_go_on(run, first=""):
+    """saved_so_far, then (if there is a checkpoint) `first` and the command that continues the run."""
+    if run.epochs_done == 0 or not os.path.exists(run.args.checkpoint):
+        return saved_so_far(run)
+    return f"{saved_so_far(run)}; {first}continue with: {resume_command(run.args)}"
+
+
+def how_to_get_the_model(run):
+    """After the final save failed: how to get the model out of the finished run's checkpoint."""
+    if not os.path.exists(run.args.checkpoint):
+        return saved_so_far(run)
     return (
-        f"interrupted: {run.args.checkpoint} holds epoch {run.epochs_done} of {run.settings['epochs']}; "
-        f"continue with: python mnist_train.py --resume{resume_flags(run.args)}"
+        f"{run.args.checkpoint} holds the finished run: once that is fixed, save {run.args.save} from it with: "
+        f"{resume_command(run.args)} (or evaluate it as it is: python mnist_train.py --epochs 0 "
+        f"--load {run.args.checkpoint})"
     )
+
+
+def resume_command(args):
+    """The command line that resumes this run."""
+    return f"python mnist_train.py --resume{resume_flags(args)}"
 
 
 def resume_flags(args):
@@ -685,6 +728,41 @@ def resume_flags(args):
     if args.compile:
         flags += " --compile"
     return flags
+
+
+# ---------------------------------------------------------------------------
+# Stopping: SIGTERM is handled as Ctrl-C is
+# ---------------------------------------------------------------------------
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised on SIGTERM; a KeyboardInterrupt, so every Ctrl-C path handles it the same way."""
+
+
+@contextlib.contextmanager
+def signals_stop_the_run():
+    """Within the block, Ctrl-C raises KeyboardInterrupt and SIGTERM raises Terminated, once.
+
+    SIGTERM is how Slurm preemption, docker stop, Kubernetes and torchrun stop a process;
+    Python's default dies on the spot and says nothing of what was saved or how to go on.
+    """
+    if threading.current_thread() is not threading.main_thread():  # only it can take signals
+        yield
+        return
+
+    def stop(signum, frame):
+        # One is enough: later ones (under torchrun, Ctrl-C comes from the terminal and again
+        # from torchrun) are ignored, so they cannot break into the message about the first.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+
+    previous = {number: signal.signal(number, stop) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 # ---------------------------------------------------------------------------
@@ -870,8 +948,16 @@ def temporary_path(path):
     return f"{path}.{os.getpid()}.tmp"
 
 
+class WriteError(UserError):
+    """A file could not be written; whatever was at its path before is unchanged."""
+
+
 def atomic_save(obj, path):
-    """torch.save `obj` to `path` so that `path` never holds a partly written file."""
+    """torch.save `obj` to `path` so that `path` never holds a partly written file.
+
+    A write that fails (a full disk, a vanished or read-only folder) raises WriteError naming
+    the path and the reason; the file at `path` stays as it was, and no temporary is left.
+    """
     temporary = temporary_path(path)
     try:
         with open(temporary, "wb") as f:
@@ -879,9 +965,52 @@ def atomic_save(obj, path):
             f.flush()
             os.fsync(f.fileno())  # the bytes are on disk before the name points at them
         os.replace(temporary, path)
+    except (OSError, RuntimeError) as error:
+        cause = os_error_in(error)
+        if cause is None:
+            raise
+        raise WriteError(f"could not write {path}: {why_not_written(cause, path)}") from None
     finally:
-        if os.path.exists(temporary):  # only when something above failed
+        with contextlib.suppress(OSError):  # there only if something above failed
             os.remove(temporary)
+    fsync_folder(path)
+
+
+def os_error_in(error):
+    """The OSError behind `error`: itself or one in its chain, else None.
+
+    torch.save reports a failed write as a RuntimeError ("unexpected pos ...") raised while
+    handling the OSError, so the reason is found by walking back along the chain.
+    """
+    while error is not None and not isinstance(error, OSError):
+        error = error.__cause__ or error.__context__
+    return error
+
+
+def why_not_written(error, path):
+    """The reason an OSError gives for a failed write, in words a user can act on."""
+    reasons = {
+        errno.ENOSPC: "no space left on the device",
+        errno.ENOENT: f"the folder {os.path.dirname(os.path.abspath(path))} no longer exists",
+        errno.EROFS: "the filesystem is read-only",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied",
+    }
+    return reasons.get(error.errno, error.strerror or str(error))
+
+
+def fsync_folder(path):
+    """Flush the folder that holds `path` to disk, so that a rename into it survives a power cut."""
+    # os.replace changes the folder, not the file: until the folder is on disk too, a crash
+    # can bring back the old name (SQLite and PostgreSQL fsync the folder for this reason).
+    if os.name != "posix":  # Windows cannot open a folder to flush it
+        return
+    with contextlib.suppress(OSError):  # some filesystems refuse; the file itself is safe
+        folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
 
 
 def read_file(path, map_location):

@@ -4,11 +4,16 @@ Run: pytest -q test_mnist_train.py. CUDA cases skip without a GPU. A real-MNIST 
 test runs when MNIST_DATA_DIR points at a folder holding MNIST/raw/ (CI sets it).
 """
 
+import builtins
 import copy
+import errno
 import importlib.util
 import math
 import os
+import shlex
+import shutil
 import signal
+import stat
 import statistics
 import struct
 import subprocess
@@ -449,14 +454,14 @@ def press_ctrl_c(*args, **kwargs):
     raise KeyboardInterrupt
 
 
-def ctrl_c_when_epoch_starts(epoch):
-    """A stand-in for mt.train_epoch that raises KeyboardInterrupt, as Ctrl-C would, at the start of `epoch`."""
+def on_epoch_start(epoch, action):
+    """A stand-in for mt.train_epoch that calls action() when `epoch` starts (a fault, a Ctrl-C), then trains."""
     real_train_epoch, calls = mt.train_epoch, []
 
     def train_epoch(*args):
         calls.append(epoch)
         if len(calls) == epoch:
-            raise KeyboardInterrupt
+            action()
         return real_train_epoch(*args)
 
     return train_epoch
@@ -474,7 +479,7 @@ def test_resume_after_any_epoch_matches_an_uninterrupted_run(seed, stop_after, o
     # Interrupt the second run as Ctrl-C would, when epoch stop_after + 1 starts.
     parts = tmp_path / "parts"
     parts.mkdir()
-    with mock.patch.object(mt, "train_epoch", ctrl_c_when_epoch_starts(stop_after + 1)):
+    with mock.patch.object(mt, "train_epoch", on_epoch_start(stop_after + 1, press_ctrl_c)):
         with pytest.raises(SystemExit) as exit_info:
             mt.main(cli(parts, data_dir, *flags))
     assert exit_info.value.code == 130
@@ -490,7 +495,7 @@ def test_resume_after_any_epoch_matches_an_uninterrupted_run(seed, stop_after, o
 
 
 def test_ctrl_c_keeps_the_checkpoint_and_says_how_to_resume(fake_mnist, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(mt, "train_epoch", ctrl_c_when_epoch_starts(2))
+    monkeypatch.setattr(mt, "train_epoch", on_epoch_start(2, press_ctrl_c))
     status, err = run_main_expecting_exit(cli(tmp_path, fake_mnist, "--epochs", "3"), capsys)
     assert status == 130
     message = err.strip()
@@ -837,3 +842,202 @@ def test_ctrl_c_in_a_real_process_exits_130_with_one_line(tmp_path):
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert err.strip().startswith(f"interrupted: {tmp_path / 'checkpoint.pt'} holds epoch")
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] >= 2
+
+
+# ---------------------------------------------------------------------------
+# Faults in the middle of a run: a full disk, a vanished or read-only folder, SIGTERM
+# ---------------------------------------------------------------------------
+
+
+class FillingFile:
+    """A real file on a disk that fills up: `room` bytes go through, the next write raises ENOSPC."""
+
+    def __init__(self, file, room):
+        self.file, self.room = file, room
+
+    def write(self, data):
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.file.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self.file.__exit__(*exc)
+
+
+def disk_full_after(room, only=""):
+    """A stand-in for open() in mnist_train: files whose path starts with `only` fill up after `room` bytes."""
+
+    def open_on_a_full_disk(path, *args):
+        file = builtins.open(path, *args)
+        return FillingFile(file, room) if str(path).startswith(str(only)) else file
+
+    return open_on_a_full_disk
+
+
+def read_only_filesystem(path, *args):
+    """A stand-in for open() in mnist_train on a filesystem that was remounted read-only."""
+    raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+
+def no_temporary_files_in(folder):
+    return not [name for name in os.listdir(folder) if name.endswith(".tmp")]
+
+
+# (fault from epoch 2 on, as a function of (monkeypatch, the folder); the reason printed;
+#  whether epoch 1's checkpoint survives). Room 0 fails at torch.save's first write (an
+#  OSError); 4096 and 600,000 fail inside its zip writer (a RuntimeError caused by the OSError).
+WRITE_FAULTS = {
+    "disk full at once": (lambda mp, _: mp.setattr(mt, "open", disk_full_after(0), raising=False), "no space left on the device", True),
+    "disk full after 4 kB": (lambda mp, _: mp.setattr(mt, "open", disk_full_after(4096), raising=False), "no space left on the device", True),
+    "disk full after 600 kB": (lambda mp, _: mp.setattr(mt, "open", disk_full_after(600_000), raising=False), "no space left on the device", True),
+    "filesystem read-only": (lambda mp, _: mp.setattr(mt, "open", read_only_filesystem, raising=False), "the filesystem is read-only", True),
+    "folder removed": (lambda mp, folder: shutil.rmtree(folder), "the folder {folder} no longer exists", False),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("fault", WRITE_FAULTS)
+def test_a_write_that_fails_mid_run_ends_in_one_line_and_loses_nothing(
+    fault, fake_mnist, tmp_path, capsys, monkeypatch
+):
+    strike, reason, survives = WRITE_FAULTS[fault]
+    out = tmp_path / "out"
+    out.mkdir()
+    checkpoint = out / "checkpoint.pt"
+    epoch_1 = []  # the checkpoint's bytes when the fault strikes
+
+    def fault_strikes():
+        epoch_1.append(checkpoint.read_bytes())
+        strike(monkeypatch, out)
+
+    monkeypatch.setattr(mt, "train_epoch", on_epoch_start(2, fault_strikes))
+    argv = cli(out, fake_mnist, "--epochs", "3")
+    status, err = run_main_expecting_exit(argv, capsys)
+
+    assert status == 1 and err.count("\n") == 1
+    assert err.startswith(f"error: could not write {checkpoint}: {reason.format(folder=out)}; ")
+    if survives:
+        assert err.rstrip().endswith(
+            f"{checkpoint} holds epoch 1 of 3; once that is fixed, continue with: python mnist_train.py --resume"
+            f" --checkpoint {checkpoint} --data-dir {fake_mnist} --save {out / 'model.pth'} --device cpu --epochs 3"
+        )
+        assert checkpoint.read_bytes() == epoch_1[0]
+        assert no_temporary_files_in(out)
+    else:
+        assert err.rstrip().endswith(f"{checkpoint} is gone as well: nothing of this run is left")
+
+
+def test_a_fault_on_the_first_write_says_nothing_was_saved(fake_mnist, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(
+        mt, "train_epoch", on_epoch_start(1, lambda: WRITE_FAULTS["disk full after 4 kB"][0](monkeypatch, None))
+    )
+    status, err = run_main_expecting_exit(cli(tmp_path, fake_mnist, "--epochs", "2"), capsys)
+    assert status == 1 and err.rstrip().endswith("no space left on the device; nothing was saved")
+    assert not os.path.exists(tmp_path / "checkpoint.pt") and no_temporary_files_in(tmp_path)
+
+
+def test_a_full_disk_while_saving_the_model_says_how_to_get_it_from_the_checkpoint(
+    fake_mnist, tmp_path, capsys, monkeypatch
+):
+    model_path, checkpoint = tmp_path / "model.pth", tmp_path / "checkpoint.pt"
+    mt.save(mt.build_model(), model_path)  # an older model, which must survive
+    older = model_path.read_bytes()
+    fill_only_the_model = lambda: monkeypatch.setattr(mt, "open", disk_full_after(1000, only=model_path), raising=False)  # noqa: E731
+    monkeypatch.setattr(mt, "train_epoch", on_epoch_start(2, fill_only_the_model))
+    status, err = run_main_expecting_exit(cli(tmp_path, fake_mnist, "--epochs", "2"), capsys)
+
+    assert status == 1 and err.count("\n") == 1
+    command = f"python mnist_train.py --resume --checkpoint {checkpoint} --data-dir {fake_mnist} --save {model_path}"
+    assert err.startswith(
+        f"error: could not write {model_path}: no space left on the device (the {model_path} already there is "
+        f"unchanged); {checkpoint} holds the finished run: once that is fixed, save {model_path} from it with: "
+        f"{command} --device cpu --epochs 2 (or evaluate it as it is: python mnist_train.py --epochs 0 --load {checkpoint})"
+    )
+    assert model_path.read_bytes() == older and no_temporary_files_in(tmp_path)
+    monkeypatch.undo()  # space freed: the suggested command saves the finished run's model
+    mt.main(shlex.split(command)[2:] + ["--device", "cpu", "--epochs", "2"])
+    assert_same_state(torch.load(model_path), torch.load(checkpoint)["model"])
+
+
+def press_sigterm(*args, **kwargs):
+    """A stand-in for any function: the process receives SIGTERM while it runs."""
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.parametrize(
+    "function, line",
+    [
+        ("load_mnist", "terminated by SIGTERM before training began: no file was changed"),
+        (
+            "save",
+            "terminated by SIGTERM: {checkpoint} holds epoch 2 of 2; continue with: python mnist_train.py --resume",
+        ),
+    ],
+)
+def test_sigterm_stops_like_ctrl_c(function, line, fake_mnist, tmp_path, capsys, monkeypatch):
+    def unhandled(*args):  # instead of the default, which would end the test run itself
+        pytest.fail("SIGTERM reached the handler main found in place")
+
+    handler_before = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        monkeypatch.setattr(mt, function, press_sigterm)
+        status, err = run_main_expecting_exit(cli(tmp_path, fake_mnist, "--epochs", "2"), capsys)
+        assert status == 143 and err.count("\n") == 1
+        assert err.startswith(line.format(checkpoint=tmp_path / "checkpoint.pt"))
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # main leaves the process as it found it
+    finally:
+        signal.signal(signal.SIGTERM, handler_before)
+
+
+def test_sigterm_in_a_real_process_exits_143_and_resumes_to_the_same_weights(tmp_path):
+    data_dir = write_fake_mnist(tmp_path / "data", n_train=4000, n_test=20)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread: the same bits in every process
+
+    def train(folder, *flags):
+        argv = [sys.executable, "-u", "mnist_train.py", *cli(folder, data_dir, "--epochs", "8"), *flags]
+        return subprocess.Popen(argv, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+    stopped, whole = tmp_path / "stopped", tmp_path / "whole"
+    stopped.mkdir(), whole.mkdir()
+    process = train(stopped)
+    for line in process.stdout:
+        if line.startswith("epoch  1/8"):
+            process.send_signal(signal.SIGTERM)
+            break
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 143
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"terminated by SIGTERM: {stopped / 'checkpoint.pt'} holds epoch ")
+    assert 1 <= torch.load(stopped / "checkpoint.pt", weights_only=True)["epoch"] < 8
+
+    # The printed command resumes the run; it ends with the weights of a run never stopped.
+    command = shlex.split(err.split("continue with: ")[1])
+    assert command[:3] == ["python", "mnist_train.py", "--resume"]
+    resumed = subprocess.run([sys.executable, *command[1:]], cwd=HERE, capture_output=True, text=True, env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert train(whole).wait(timeout=120) == 0
+    assert_same_state(torch.load(whole / "model.pth"), torch.load(stopped / "model.pth"))
+
+
+@pytest.mark.skipif(os.name != "posix", reason="only POSIX can flush a folder")
+def test_atomic_save_flushes_the_file_then_renames_then_flushes_the_folder(tmp_path, monkeypatch):
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        events.append("flush folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "flush file")
+        real_fsync(fd)
+
+    def replace(source, target):
+        events.append("rename")
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    mt.atomic_save({"weights": torch.zeros(3)}, tmp_path / "model.pth")
+    assert events == ["flush file", "rename", "flush folder"]
