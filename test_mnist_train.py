@@ -105,6 +105,22 @@ def run_main_expecting_exit(argv, capsys):
     return exit_info.value.code, err
 
 
+class FileStandIn:
+    """A real file whose write() a subclass changes, to stage a fault; everything else passes through."""
+
+    def __init__(self, file):
+        self.file = file
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self.file.__exit__(*exc)
+
+
 def state_of(model):
     return {name: t.detach().clone() for name, t in model.state_dict().items()}
 
@@ -794,9 +810,10 @@ import builtins, sys, time, torch, mnist_train as mt
 path, stall_after = sys.argv[1], int(sys.argv[2])
 mt.atomic_save({"version": 1, "big": torch.full((1_000_000,), 1.0)}, path)
 
-class StallingFile:  # passes bytes through, then hangs mid-write so the test can kill us there
-    def __init__(self, file):
-        self.file, self.written = file, 0
+from test_mnist_train import FileStandIn
+
+class StallingFile(FileStandIn):  # passes bytes through, then hangs mid-write so the test can kill us there
+    written = 0
     def write(self, data):
         self.written += self.file.write(data)
         if self.written >= stall_after:
@@ -804,12 +821,6 @@ class StallingFile:  # passes bytes through, then hangs mid-write so the test ca
             print("stalled mid-write", flush=True)
             time.sleep(600)
         return len(data)
-    def __getattr__(self, name):
-        return getattr(self.file, name)
-    def __enter__(self):
-        return self
-    def __exit__(self, *exc):
-        return self.file.__exit__(*exc)
 
 mt.open = lambda *args: StallingFile(builtins.open(*args))  # what atomic_save's open() finds first
 mt.atomic_save({"version": 2, "big": torch.full((1_000_000,), 2.0)}, path)
@@ -849,26 +860,18 @@ def test_ctrl_c_in_a_real_process_exits_130_with_one_line(tmp_path):
 # ---------------------------------------------------------------------------
 
 
-class FillingFile:
+class FillingFile(FileStandIn):
     """A real file on a disk that fills up: `room` bytes go through, the next write raises ENOSPC."""
 
     def __init__(self, file, room):
-        self.file, self.room = file, room
+        super().__init__(file)
+        self.room = room
 
     def write(self, data):
         if len(data) > self.room:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         self.room -= len(data)
         return self.file.write(data)
-
-    def __getattr__(self, name):
-        return getattr(self.file, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return self.file.__exit__(*exc)
 
 
 def disk_full_after(room, only=""):
