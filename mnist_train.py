@@ -42,7 +42,9 @@ import time
 import warnings
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 from torchvision import datasets
 
 # Mean and standard deviation of the 60,000 training images' pixels (after /255); the
@@ -412,7 +414,9 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (argparse's own prints the whole usage first)."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        # Under torchrun every process parses the same flags: the first one says what is wrong.
+        first = os.environ.get("RANK", "0") == "0"
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n" if first else None)
 
 
 def parse_args(argv=None):
@@ -467,8 +471,13 @@ def resolve_settings(args, saved=None):
     return settings
 
 
-def check_settings(args, settings, device, checkpoint, training):
+def check_settings(args, settings, device, checkpoint, training, team=None):
     """Raise UserError for settings that cannot run together."""
+    if args.compile and training and team is not None:
+        raise UserError(
+            "--compile runs in one process: its CUDA graph replays a step that DDP would have to "
+            "all-reduce inside; run it without torchrun, or drop --compile"
+        )
     if args.compile and training:
         if device.type != "cuda":
             raise UserError(
@@ -503,6 +512,7 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     generator: torch.Generator  # draws each epoch's order
     epochs_done: int  # the epoch --checkpoint holds for this run; 0 before the first
+    team: "Team | None" = None  # under torchrun: this process's place among the others
 
 
 def main(argv=None):
@@ -513,37 +523,44 @@ def main(argv=None):
     """
     args = parse_args(argv)
     run = None
-    with signals_stop_the_run():
+    with torchrun_processes() as team, signals_stop_the_run():  # team is None without torchrun
         try:
-            run = prepare_run(args)
+            run = prepare_run(args) if team is None else prepare_on_every_process(args, team)
             if not run.training:
                 return evaluate_saved_weights(run)
             history = fit(run)
             return finish(run, history)
         except UserError as error:
-            print(f"error: {error}", file=sys.stderr)
+            speak(team, f"error: {error}")
             raise SystemExit(1) from None
         except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM raised as Terminated
             terminated = isinstance(stop, Terminated)
             # After Ctrl-C the terminal shows ^C mid-line: start ours on a fresh line.
-            print(("" if terminated else "\n") + stopped(run, stop), file=sys.stderr)
+            speak(team, ("" if terminated else "\n") + stopped(run, stop))
             raise SystemExit(128 + (signal.SIGTERM if terminated else signal.SIGINT)) from None
+        except RuntimeError as error:
+            if team is None or not lost_another_process(error):
+                raise
+            speak(
+                team, f"error: another process of this job stopped (torchrun's summary names it); {how_to_go_on(run)}"
+            )
+            raise SystemExit(1) from None
 
 
-def prepare_run(args):
+def prepare_run(args, team=None):
     """Everything before the first epoch: check the outputs and settings, load the data, and
     build the model, loss, optimizer and schedule, restored from a checkpoint or saved weights."""
     training = not (args.epochs == 0 and args.load)
-    if training:
+    if training and writes_files(team):
         # Refuse now rather than after an hour of training.
         check_writable(args.save, "--save")
         check_writable(args.checkpoint, "--checkpoint")
-    device = pick_device(args.device)
+    device = pick_device(args.device) if team is None else pick_process_device(args.device, team)
     checkpoint = read_checkpoint(args.checkpoint, device) if args.resume else None
     if training and not args.resume:
         refuse_to_overwrite(args.checkpoint)
     settings = resolve_settings(args, checkpoint["settings"] if checkpoint else None)
-    check_settings(args, settings, device, checkpoint, training)
+    check_settings(args, settings, device, checkpoint, training, team)
 
     # Seed once, before anything random: the initial weights, then the shuffle order.
     torch.manual_seed(settings["seed"])
@@ -551,7 +568,8 @@ def prepare_run(args):
     print(
         f"mnist_train: torch {torch.__version__}, device {device}, seed {settings['seed']}, "
         f"{settings['optimizer']} lr {settings['lr']:g}, batch {settings['batch_size']}, "
-        f"{settings['epochs']} epoch{'s' if settings['epochs'] != 1 else ''}",
+        f"{settings['epochs']} epoch{'s' if settings['epochs'] != 1 else ''}"
+        + ("" if team is None else f", {team.world_size} processes under torchrun"),
         flush=True,
     )
     train_set = load_mnist(args.data_dir, train=True, device=device)
@@ -569,7 +587,18 @@ def prepare_run(args):
     elif args.load:
         load(model, args.load)
     return Run(
-        args, settings, training, train_set, test_set, model, loss_fn, optimizer, scheduler, generator, epochs_done
+        args,
+        settings,
+        training,
+        train_set,
+        test_set,
+        model,
+        loss_fn,
+        optimizer,
+        scheduler,
+        generator,
+        epochs_done,
+        team,
     )
 
 
@@ -596,9 +625,10 @@ def fit(run):
             )
         # 4) Checkpoint: from here on, Ctrl-C loses nothing of this epoch.
         try:
-            save_checkpoint(
-                run.args.checkpoint, run.model, run.optimizer, run.scheduler, run.generator, epoch, run.settings
-            )
+            if writes_files(run.team):
+                save_checkpoint(
+                    run.args.checkpoint, run.model, run.optimizer, run.scheduler, run.generator, epoch, run.settings
+                )
         except WriteError as error:
             raise UserError(f"{error}; {how_to_go_on(run, first='once that is fixed, ')}") from None
         run.epochs_done = epoch
@@ -617,6 +647,8 @@ def fit(run):
 def make_epoch_trainer(run):
     """Return train(label) -> the mean loss of one more epoch: train_epoch, or with --compile its CUDA-graph twin."""
     (x, y), batch_size = run.train_set, run.settings["batch_size"]
+    if run.team is not None:
+        return make_share_trainer(run)
     if run.args.compile:
         graphed_train_epoch = make_graphed_train_epoch(
             run.model, run.loss_fn, run.optimizer, run.scheduler, x, y, batch_size
@@ -633,6 +665,8 @@ def make_epoch_trainer(run):
 
 def test_set_metrics(run):
     """(mean loss, accuracy) of the model on the whole test set."""
+    if run.team is not None:
+        return evaluate_on_shards(run.model, *run.test_set, run.loss_fn, run.team)
     return evaluate(run.model, iterate_batches(*run.test_set, EVAL_BATCH_SIZE), run.loss_fn)
 
 
@@ -643,7 +677,8 @@ def finish(run, history):
     else:  # resumed a run that had already finished
         test_loss, accuracy = test_set_metrics(run)
     try:
-        save(run.model, run.args.save)
+        if writes_files(run.team):
+            save(run.model, run.args.save)
     except WriteError as error:
         older = f" (the {run.args.save} already there is unchanged)" if os.path.exists(run.args.save) else ""
         raise UserError(f"{error}{older}; {how_to_get_the_model(run)}") from None
@@ -693,7 +728,7 @@ def how_to_go_on(run, first=""):
     """saved_so_far, then (if there is a checkpoint) `first` and the command that continues the run."""
     if run.epochs_done == 0 or not os.path.exists(run.args.checkpoint):
         return saved_so_far(run)
-    return f"{saved_so_far(run)}; {first}continue with: {resume_command(run.args)}"
+    return f"{saved_so_far(run)}; {first}continue with: {resume_command(run)}"
 
 
 def how_to_get_the_model(run):
@@ -702,14 +737,15 @@ def how_to_get_the_model(run):
         return saved_so_far(run)
     return (
         f"{run.args.checkpoint} holds the finished run: once that is fixed, save {run.args.save} from it with: "
-        f"{resume_command(run.args)} (or evaluate it as it is: python mnist_train.py --epochs 0 "
+        f"{resume_command(run)} (or evaluate it as it is: python mnist_train.py --epochs 0 "
         f"--load {run.args.checkpoint})"
     )
 
 
-def resume_command(args):
+def resume_command(run):
     """The command line that resumes this run."""
-    return f"python mnist_train.py --resume{resume_flags(args)}"
+    launcher = "python mnist_train.py" if run.team is None else run.team.launcher
+    return f"{launcher} --resume{resume_flags(run.args)}"
 
 
 def resume_flags(args):
@@ -1065,6 +1101,179 @@ def check_writable(path, flag):
         os.remove(probe)
     except OSError as error:
         raise UserError(f"{flag} {path} cannot be written: {error.strerror}") from None
+
+
+# ---------------------------------------------------------------------------
+# Several processes: the same run under torchrun, with DistributedDataParallel
+# ---------------------------------------------------------------------------
+# `torchrun --nproc_per_node=N mnist_train.py` starts N copies of this file (one per GPU, or N
+# on the CPU) and tells each its RANK. Each holds the whole model; in every step DDP averages
+# the gradients of all copies before the optimizer steps, so the copies stay equal. What
+# changes from one process: each trains on its share of every batch (iterate_shares) and
+# evaluates a shard of the test set, counts summed over all (evaluate_on_shards); only rank 0
+# prints and writes files. `python mnist_train.py` never enters this section.
+
+
+@dataclasses.dataclass
+class Team:
+    """This process's place among the processes torchrun started."""
+
+    rank: int  # 0 to world_size - 1, over all machines
+    world_size: int
+    local_rank: int  # its index on this machine: also its GPU
+    launcher: str  # the command that starts the same job again
+    speaker: int = 0  # the process that prints errors: rank 0, or the first that failed to prepare
+
+
+@contextlib.contextmanager
+def torchrun_processes():
+    """Yield this process's Team, with the process group up, when torchrun started it; else None."""
+    if "RANK" not in os.environ:  # torchrun sets RANK, WORLD_SIZE, LOCAL_RANK and a rendezvous address
+        yield None
+        return
+    machines, per_machine = os.environ.get("GROUP_WORLD_SIZE", "1"), os.environ.get("LOCAL_WORLD_SIZE", "1")
+    launcher = "torchrun [your torchrun options] mnist_train.py"
+    if machines == "1":
+        launcher = f"torchrun --standalone --nproc_per_node={per_machine} mnist_train.py"
+    team = Team(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]), launcher)
+    # NCCL moves CUDA tensors between GPUs; gloo moves CPU tensors, and needs no GPU at all.
+    dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    with contextlib.ExitStack() as quiet:
+        if team.rank != 0:  # one voice: the others' progress goes nowhere
+            quiet.enter_context(contextlib.redirect_stdout(quiet.enter_context(open(os.devnull, "w"))))
+        try:
+            yield team
+        finally:
+            dist.destroy_process_group()
+
+
+def pick_process_device(name, team):
+    """pick_device for one process under torchrun: for auto and cuda, its own GPU (cuda:LOCAL_RANK)."""
+    if name in ("auto", "cuda") and torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        if team.local_rank >= count:
+            raise UserError(
+                f"--device {name}: process {team.local_rank} of this machine needs cuda:{team.local_rank}, "
+                f"but only {count} CUDA device(s) are visible: start at most {count} (--nproc_per_node)"
+            )
+        torch.cuda.set_device(team.local_rank)  # where NCCL and DDP work for this process
+        return torch.device("cuda", team.local_rank)
+    device = pick_device(name)
+    if device.type == "mps":
+        raise UserError(
+            f"--device {name}: torch.distributed has no backend for MPS (Apple GPUs): "
+            "run without torchrun, or add --device cpu"
+        )
+    if device.type == "cuda":
+        raise UserError(f"--device {name}: under torchrun each process takes its own GPU: use --device cuda")
+    return device
+
+
+def prepare_on_every_process(args, team):
+    """prepare_run on every process, then agree: if any failed, all stop and the first that failed says why.
+
+    Otherwise a process that fails alone (its data, its GPU) leaves the others waiting for it
+    in their first collective, and a failure common to all would print once per process.
+    """
+    try:
+        run, failure = prepare_run(args, team), None
+    except UserError as error:
+        run, failure = None, error
+    first_failed = torch.tensor([team.rank if failure else team.world_size])
+    dist.all_reduce(first_failed, op=dist.ReduceOp.MIN)
+    if first_failed.item() < team.world_size:
+        team.speaker = first_failed.item()
+        raise failure or UserError("another process could not start")
+    return run
+
+
+def writes_files(team):
+    """Whether this process writes the checkpoint and the model: the only one, or rank 0."""
+    return team is None or team.rank == 0
+
+
+def speak(team, line):
+    """Print `line` on stderr, from one process only when there are several."""
+    if team is None or team.rank == team.speaker:
+        print(line, file=sys.stderr)
+
+
+def share_of(batch, rank, world_size):
+    """This process's share of `batch` (indices of a global batch) and the weight of its mean loss.
+
+    DDP averages gradients over the processes: a share of n of the batch's b samples, its mean
+    loss weighted by n * world_size / b, makes that average the whole batch's mean gradient,
+    also when b does not split evenly. Invariant (tested): for any b and world size.
+    """
+    share = batch.tensor_split(world_size)[rank]
+    return share, len(share) * world_size / len(batch)
+
+
+def iterate_shares(x, y, batch_size, generator, rank, world_size):
+    """iterate_batches for one of several processes: yield (x, y, weight), its share of each batch.
+
+    Every process draws the same order from the same seeded generator, so together they
+    cover each global batch once, as a single process would.
+    """
+    order = shuffled_order(len(x), generator, x.device)
+    for start in range(0, len(x), batch_size):
+        index, weight = share_of(order[start : start + batch_size], rank, world_size)
+        yield x.index_select(0, index), y.index_select(0, index), weight
+
+
+def make_share_trainer(run):
+    """make_epoch_trainer under torchrun: this process trains its share of every batch through DDP."""
+    (x, y), batch_size = run.train_set, run.settings["batch_size"]
+    device = x.device
+    # DDP wraps the very model (no copy): the optimizer's parameters and the saved ones are its own.
+    ddp_model = DistributedDataParallel(run.model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def train(label):
+        shares = iterate_shares(x, y, batch_size, run.generator, run.team.rank, run.team.world_size)
+        if run.team.rank == 0:
+            shares = show_progress(shares, math.ceil(len(x) / batch_size), label)
+        return train_epoch_on_shares(ddp_model, shares, run.loss_fn, run.optimizer, run.scheduler)
+
+    return train
+
+
+def train_epoch_on_shares(model, shares, loss_fn, optimizer, scheduler):
+    """train_epoch for one of several processes: each (x, y, weight) of `shares` is one step;
+    return the mean loss over every sample of every process (the same number on each)."""
+    model.train()
+    loss_sum, count = 0.0, 0
+    for x, y, weight in shares:
+        loss = train_step(model, x, y, lambda logits, labels: loss_fn(logits, labels) * weight, optimizer)
+        scheduler.step()
+        if len(y):  # an empty share's mean loss is 0/0, NaN (its gradient is zero): leave it out
+            loss_sum = loss_sum + loss.detach() / weight * len(y)
+        count += len(y)
+    totals = torch.tensor([float(loss_sum), count], dtype=torch.float64, device=next(model.parameters()).device)
+    dist.all_reduce(totals)  # sums over the processes, so every one returns the same mean
+    return (totals[0] / totals[1]).item()
+
+
+def evaluate_on_shards(model, x, y, loss_fn, team):
+    """evaluate() on this process's shard of (x, y), summed over all processes: the whole set's metrics.
+
+    Invariant (tested): the accuracy is exactly that of one process evaluating everything.
+    """
+    x, y = x.tensor_split(team.world_size)[team.rank], y.tensor_split(team.world_size)[team.rank]
+    loss_sum, correct = 0.0, 0
+    if len(y):
+        mean_loss, accuracy = evaluate(model, iterate_batches(x, y, EVAL_BATCH_SIZE), loss_fn)
+        loss_sum, correct = mean_loss * len(y), round(accuracy * len(y))
+    totals = torch.tensor([loss_sum, correct, len(y)], dtype=torch.float64, device=x.device)
+    dist.all_reduce(totals)
+    loss_sum, correct, count = totals.tolist()
+    return loss_sum / count, int(correct) / int(count)
+
+
+def lost_another_process(error):
+    """Whether a collective raised `error` because another process of the job is gone."""
+    # NCCL raises a DistError; gloo a plain RuntimeError from its TCP transport:
+    # "Connection closed by peer" or "Connection reset by peer".
+    return isinstance(error, dist.DistError) or "by peer" in str(error)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import statistics
 import struct
 import subprocess
 import sys
+import time
 from unittest import mock
 
 import pytest
@@ -1044,3 +1045,159 @@ def test_atomic_save_flushes_the_file_then_renames_then_flushes_the_folder(tmp_p
     monkeypatch.setattr(os, "replace", replace)
     mt.atomic_save({"weights": torch.zeros(3)}, tmp_path / "model.pth")
     assert events == ["flush file", "rename", "flush folder"]
+
+
+# ---------------------------------------------------------------------------
+# Several processes: torchrun with DistributedDataParallel (gloo, on the CPU)
+# ---------------------------------------------------------------------------
+
+
+@given(seed=seeds, batch_size=st.integers(1, 70), world_size=st.integers(1, 5))
+def test_weighted_shares_average_to_the_whole_batch_gradient(seed, batch_size, world_size):
+    torch.manual_seed(seed)
+    model, loss_fn = mt.build_model(), mt.make_loss()
+    x, y = torch.randn(batch_size, 1, 28, 28), torch.randint(0, 10, (batch_size,))
+
+    def gradients(loss):
+        model.zero_grad()
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    whole = gradients(loss_fn(model(x), y))
+    shares = []
+    for rank in range(world_size):  # batches smaller than world_size leave some shares empty
+        index, weight = mt.share_of(torch.arange(batch_size), rank, world_size)
+        shares.append(gradients(loss_fn(model(x[index]), y[index]) * weight))
+    # What DDP's all-reduce computes: the mean of the processes' gradients.
+    torch.testing.assert_close(torch.stack(shares).mean(0), whole, rtol=1e-5, atol=1e-6)
+
+
+# A stand-in for `mnist_train.py` that torchrun starts: it logs which process writes which
+# file, and can make one process fail. Then it runs main() as the real script would.
+TORCHRUN_WORKER = """
+import os, sys
+import mnist_train as mt
+
+rank, real_atomic_save = os.environ["RANK"], mt.atomic_save
+
+def logged_atomic_save(obj, path):
+    with open(os.environ["WRITES_LOG"], "a") as log:
+        log.write(f"{rank} {path}\\n")
+    real_atomic_save(obj, path)
+
+def data_broken_here(*args, **kwargs):
+    raise mt.UserError(f"process {rank}'s copy of MNIST is corrupt")
+
+def crash_at_epoch_2(*args, real=mt.train_epoch_on_shares, epochs=[]):
+    epochs.append(1)
+    if len(epochs) == 2:
+        os._exit(1)  # as a process that dies from a segfault or the OOM killer
+    return real(*args)
+
+mt.atomic_save = logged_atomic_save
+if rank == os.environ.get("FAIL_ON_RANK"):
+    fault = {"data": ("load_mnist", data_broken_here), "crash": ("train_epoch_on_shares", crash_at_epoch_2)}
+    setattr(mt, *fault[os.environ["FAULT"]])
+mt.main()
+"""
+
+# Two processes sum float32 numbers in another order than one: after a few Adam steps the
+# weights agree to ~2e-6 (measured); without the share weights they drift ~3e-2 apart.
+TORCHRUN_TOLERANCE = {"rtol": 0, "atol": 1e-4}
+
+
+def torchrun(tmp_path, argv, processes=2, **env):
+    """Run TORCHRUN_WORKER under `torchrun --standalone`; return (CompletedProcess, seconds)."""
+    script = tmp_path / "worker.py"
+    script.write_text(TORCHRUN_WORKER)
+    env = {**os.environ, "PYTHONPATH": HERE, "WRITES_LOG": str(tmp_path / "writes.log"), **env}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    start = time.monotonic()
+    done = subprocess.run(
+        [*command, str(script), *argv], cwd=HERE, env=env, capture_output=True, text=True, timeout=300
+    )
+    return done, time.monotonic() - start
+
+
+def write_uneven_mnist(data_dir):
+    """MNIST-format files that split unevenly: 94 training images (batches of 31 leave 1 for two
+    processes, one share empty) and 21 test images, 5 of them mislabelled, all in the first shard."""
+    write_fake_mnist(data_dir, n_train=94, n_test=21)
+    labels_path = os.path.join(data_dir, "MNIST", "raw", "t10k-labels-idx1-ubyte")
+    _, labels = learnable_images(21, 1)  # as write_fake_mnist drew them
+    write_idx(labels_path, torch.cat([(labels[:5] + 1) % 10, labels[5:]]).to(torch.uint8))
+    return str(data_dir)
+
+
+def worker_tracebacks(stderr):
+    # After init_process_group, torchrun prefixes a worker's traceback lines with [rankN]:
+    return [line for line in stderr.splitlines() if line.startswith("[rank")]
+
+
+def test_torchrun_with_two_processes_follows_one_process(tmp_path):
+    data_dir = write_uneven_mnist(tmp_path / "data")
+    two, one = tmp_path / "two", tmp_path / "one"
+    two.mkdir(), one.mkdir()
+    flags = ["--epochs", "2", "--batch-size", "31"]
+    done, _ = torchrun(tmp_path, cli(two, data_dir, *flags))
+    assert done.returncode == 0, done.stderr
+
+    # One voice: rank 0 prints the header, each epoch and the final line, once; it alone writes.
+    out = done.stdout.splitlines()
+    assert len(out) == 4 and out[0].endswith("2 epochs, 2 processes under torchrun"), out
+    assert [line.split()[1] for line in out[1:3]] == ["1/2", "2/2"]
+    assert {line.split()[0] for line in (tmp_path / "writes.log").read_text().splitlines()} == {"0"}
+    assert not worker_tracebacks(done.stderr)
+
+    # The plain model's state_dict (no "module."), equal to one process's up to float rounding.
+    state = torch.load(two / "model.pth")
+    mt.main(cli(one, data_dir, *flags))
+    single = torch.load(one / "model.pth")
+    assert state.keys() == single.keys()
+    for name in state:
+        torch.testing.assert_close(state[name], single[name], **TORCHRUN_TOLERANCE)
+
+    # The accuracy printed is exactly that of one process evaluating the saved weights.
+    model = mt.load(mt.build_model(), two / "model.pth")
+    test_set = mt.load_mnist(data_dir, False, "cpu")
+    _, accuracy = mt.evaluate(model, mt.iterate_batches(*test_set, mt.EVAL_BATCH_SIZE), mt.make_loss())
+    assert out[-1] == f"test accuracy {100 * accuracy:.2f}% | model saved to {two / 'model.pth'}"
+
+    # Checkpoints cross over: two processes' resumes in one, one's resumes under torchrun,
+    # and both end where they would have together.
+    mt.main(cli(two, data_dir, "--resume", *flags, "--epochs", "3"))
+    done, _ = torchrun(tmp_path, cli(one, data_dir, "--resume", *flags, "--epochs", "3"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[1] == f"resumed from {one / 'checkpoint.pt'} after epoch 2"
+    for name, tensor in torch.load(two / "model.pth").items():
+        torch.testing.assert_close(torch.load(one / "model.pth")[name], tensor, **TORCHRUN_TOLERANCE)
+
+
+def test_a_process_that_cannot_start_ends_the_job_with_its_one_line(fake_mnist, tmp_path):
+    done, seconds = torchrun(tmp_path, cli(tmp_path, fake_mnist), FAIL_ON_RANK="1", FAULT="data")
+    assert done.returncode != 0 and seconds < 60
+    # Our line, from the process that failed; then torchrun's own report, which we don't control.
+    assert [line for line in done.stderr.splitlines() if line.startswith("error")] == [
+        "error: process 1's copy of MNIST is corrupt"
+    ]
+    assert not worker_tracebacks(done.stderr) and not os.path.exists(tmp_path / "checkpoint.pt")
+
+
+def test_a_process_that_dies_mid_run_ends_the_job_promptly(fake_mnist, tmp_path):
+    done, seconds = torchrun(tmp_path, cli(tmp_path, fake_mnist, "--epochs", "5"), FAIL_ON_RANK="1", FAULT="crash")
+    # Not the 30 minutes of a collective's timeout: rank 0 learns at once that its peer is gone.
+    assert done.returncode != 0 and seconds < 60
+    assert not worker_tracebacks(done.stderr)
+    ours = [line for line in done.stderr.splitlines() if line.startswith(("error", "terminated"))]
+    assert len(ours) == 1 and f"{tmp_path / 'checkpoint.pt'} holds epoch 1 of 5" in ours[0], done.stderr
+    assert torch.load(tmp_path / "checkpoint.pt")["epoch"] == 1
+
+
+def test_under_torchrun_mps_and_compile_are_refused_with_a_reason(monkeypatch):
+    team = mt.Team(rank=0, world_size=2, local_rank=0, launcher="torchrun")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    with pytest.raises(mt.UserError, match="torch.distributed has no backend for MPS"):
+        mt.pick_process_device("mps", team)
+    args = mt.parse_args(["--compile"])
+    with pytest.raises(mt.UserError, match="--compile runs in one process"):
+        mt.check_settings(args, mt.resolve_settings(args), torch.device("cuda"), None, True, team)
