@@ -827,7 +827,7 @@ def prepare_run(args, team=None):
         f"mnist_train: torch {torch.__version__}, device {device}, seed {settings['seed']}, "
         f"{settings['optimizer']} lr {settings['lr']:g}, batch {settings['batch_size']}, "
         f"{settings['epochs']} epoch{'s' if settings['epochs'] != 1 else ''}"
-        + ("" if team is None else f", {team.world_size} processes under torchrun"),
+        + ("" if team is None else f", {team.world_size} process{'es' if team.world_size != 1 else ''} under torchrun"),
         flush=True,
     )
     train_set = load_mnist(args.data_dir, train=True, device=device)

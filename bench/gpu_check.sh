@@ -23,5 +23,12 @@ MNIST_DATA_DIR="$data" python -m pytest -q -rs 2>&1 | tee "$out/tests.txt"
 train headline.txt model python mnist_train.py
 train compile.txt model-compile python mnist_train.py --compile
 train torchrun.txt model-torchrun python -m torch.distributed.run --standalone --nproc_per_node=1 mnist_train.py
+# --predict on the GPU: three test digits drawn as a user's PNG files, read with the headline model.
+python -c "import sys, test_mnist_train as t, torchvision
+test = torchvision.datasets.MNIST(sys.argv[1], train=False)
+for i in range(3):
+    t.save_as_users_file(test.data[i], f'{sys.argv[2]}/digit{i}-is-{int(test.targets[i])}.png', 4, (90, 140), (0.3, 0.6), True, 'L PNG')
+" "$data" "$files"
+python mnist_train.py --predict "$files"/digit*.png --device cuda --load "$files/model.pth" 2>&1 | tee "$out/predict.txt"
 python bench/benchmark.py --device cuda --data-dir "$data" 2>&1 | tee "$out/bench.txt"
 echo "logs in $out, weights in $files"
