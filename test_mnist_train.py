@@ -430,9 +430,17 @@ def test_main_trains_end_to_end_on_mnist_format_files(fake_mnist, tmp_path, caps
 def test_epochs_zero_with_load_only_evaluates(fake_mnist, tmp_path, capsys):
     trained = mt.main(cli(tmp_path, fake_mnist, "--epochs", "2"))
     os.remove(tmp_path / "checkpoint.pt")
+    capsys.readouterr()
     evaluated = mt.main(cli(tmp_path, fake_mnist, "--epochs", "0", "--load", str(tmp_path / "model.pth")))
     assert evaluated["test_accuracy"] == trained["test_accuracy"]
-    assert "not trained" in capsys.readouterr().out
+    out = capsys.readouterr().out.splitlines()
+    assert "not trained" in out[1] and out[2].startswith("accuracy per digit: 0 ")
+    # The whole confusion matrix follows, aligned: a header of the ten digits, then a row each.
+    confusion = torch.tensor(evaluated["confusion"])
+    assert out[4] == "confusion matrix, rows the true digit, columns the predicted:" and len(out) == 5 + 1 + 10
+    assert [[int(count) for count in row.split()[1:]] for row in out[6:]] == confusion.tolist()
+    assert len({len(row) for row in out[5:]}) == 1
+    assert int(confusion.trace()) / int(confusion.sum()) == evaluated["test_accuracy"]
     assert not os.path.exists(tmp_path / "checkpoint.pt")  # evaluating writes nothing
 
 
@@ -1022,32 +1030,33 @@ def test_sigterm_stops_like_ctrl_c(function, line, fake_mnist, tmp_path, capsys,
 
 
 def test_sigterm_in_a_real_process_exits_143_and_resumes_to_the_same_weights(tmp_path):
-    data_dir = write_fake_mnist(tmp_path / "data", n_train=4000, n_test=20)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread: the same bits in every process
-
-    def train(folder, *flags):
-        argv = [sys.executable, "-u", "mnist_train.py", *cli(folder, data_dir, "--epochs", "8"), *flags]
-        return subprocess.Popen(argv, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-
+    data_dir = write_fake_mnist(tmp_path / "data", n_train=3000, n_test=20)
     stopped, whole = tmp_path / "stopped", tmp_path / "whole"
     stopped.mkdir(), whole.mkdir()
-    process = train(stopped)
+    # One thread, here and in the process: the same sums in the same order, so the same bits.
+    argv = [sys.executable, "-u", "mnist_train.py", *cli(stopped, data_dir, "--epochs", "6")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(argv, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     for line in process.stdout:
-        if line.startswith("epoch  1/8"):
+        if line.startswith("epoch  1/6"):
             process.send_signal(signal.SIGTERM)
             break
     _, err = process.communicate(timeout=60)
     assert process.returncode == 143
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert err.startswith(f"terminated by SIGTERM: {stopped / 'checkpoint.pt'} holds epoch ")
-    assert 1 <= torch.load(stopped / "checkpoint.pt", weights_only=True)["epoch"] < 8
+    assert 1 <= torch.load(stopped / "checkpoint.pt", weights_only=True)["epoch"] < 6
 
     # The printed command resumes the run; it ends with the weights of a run never stopped.
     command = shlex.split(err.split("continue with: ")[1])
     assert command[:3] == ["python", "mnist_train.py", "--resume"]
-    resumed = subprocess.run([sys.executable, *command[1:]], cwd=HERE, capture_output=True, text=True, env=env)
-    assert resumed.returncode == 0, resumed.stderr
-    assert train(whole).wait(timeout=120) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        mt.main(command[2:])
+        mt.main(cli(whole, data_dir, "--epochs", "6"))
+    finally:
+        torch.set_num_threads(threads)
     assert_same_state(torch.load(whole / "model.pth"), torch.load(stopped / "model.pth"))
 
 
@@ -1216,6 +1225,35 @@ def test_a_process_that_dies_mid_run_ends_the_job_promptly(fake_mnist, tmp_path)
     ours = [line for line in done.stderr.splitlines() if line.startswith(("error", "terminated"))]
     assert len(ours) == 1 and f"{tmp_path / 'checkpoint.pt'} holds epoch 1 of 5" in ours[0], done.stderr
     assert torch.load(tmp_path / "checkpoint.pt")["epoch"] == 1
+
+
+@pytest.mark.parametrize("stop", ["Ctrl-C in the terminal", "SIGTERM to torchrun"])
+def test_a_stopped_torchrun_job_says_once_how_to_resume_it(stop, tmp_path):
+    data_dir = write_fake_mnist(tmp_path / "data", n_train=2000, n_test=20)
+    script = tmp_path / "worker.py"
+    script.write_text(TORCHRUN_WORKER)
+    env = {**os.environ, "PYTHONPATH": HERE, "WRITES_LOG": str(tmp_path / "writes.log")}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    argv = cli(tmp_path, data_dir, "--epochs", "1000")
+    # In a session of its own, like a job started from a terminal: Ctrl-C signals the whole group.
+    job = subprocess.Popen([*command, *argv], cwd=HERE, env=env, text=True, start_new_session=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    for line in job.stdout:
+        if line.startswith("epoch  2/1000"):
+            break
+    if stop == "Ctrl-C in the terminal":
+        os.killpg(job.pid, signal.SIGINT)
+    else:  # how a scheduler stops it: torchrun passes SIGTERM on to every process
+        job.send_signal(signal.SIGTERM)
+    _, err = job.communicate(timeout=60)
+
+    ours = [line for line in err.splitlines() if line.startswith(("interrupted", "terminated"))]
+    assert len(ours) == 1, err
+    how = "interrupted" if stop.startswith("Ctrl-C") else "terminated by SIGTERM"
+    assert ours[0].startswith(f"{how}: {tmp_path / 'checkpoint.pt'} holds epoch ")
+    assert "; continue with: torchrun --standalone --nproc_per_node=2 mnist_train.py --resume " in ours[0]
+    assert not worker_tracebacks(err)
+    assert torch.load(tmp_path / "checkpoint.pt")["epoch"] >= 2
 
 
 def test_under_torchrun_mps_and_compile_are_refused_with_a_reason(monkeypatch):

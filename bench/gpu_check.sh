@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything the CUDA path needs proven, in one run on a GPU machine (about 3 minutes):
+# Everything the CUDA path needs proven, in one run on a GPU machine (about 5 minutes on an H200):
 # the test suite (its cuda cases run there), the headline command on real MNIST, the same
 # with --compile, the same under torchrun (one process, NCCL), --predict on the GPU, and the
 # benchmark. Usage: bash bench/gpu_check.sh PATH/TO/DATA [OUT_DIR]
