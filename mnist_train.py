@@ -257,7 +257,8 @@ def load(model, path):
 # MNIST's digits were prepared in a particular way: white ink on black, the ink scaled into a
 # 20x20 box with its aspect kept, then placed in 28x28 with its centre of mass at the centre.
 # Prepare yours the same way (measured in the README: 98% read correctly, against 16-23% when
-# the whole picture is simply resized to 28x28).
+# the whole picture is simply resized to 28x28). The longer parts (gray_on_white,
+# paper_is_light, paper_level, digit_pieces) are in "Your own images", in the machinery.
 
 
 def prepare_digit(image):
@@ -269,7 +270,7 @@ def prepare_digit(image):
     prepared anyway, a blank page would still get a confident digit.
     Invariants (tested): a digit scaled, moved, inverted, saved as PNG or JPEG and read back
     prepares to nearly the same 28x28 as the original; its ink fits in 20x20, and its centre
-    of mass lies within a pixel of (14, 14).
+    of mass lies within a pixel of (14, 14) unless that would push ink out of the frame.
     """
     # 1) To gray, on white paper: colour says nothing about a digit, and a transparent pixel
     #    is paper whatever colour it stores (drawing apps save ink over transparent black).
@@ -451,7 +452,7 @@ def read_image(path):
             with Image.open(path) as picture:
                 # A phone stores how it was held; exif_transpose turns the pixels upright.
                 picture = ImageOps.exif_transpose(picture)
-                if picture.mode.startswith(("I", "F")):  # 16-bit gray: convert("L") would clip, not scale
+                if picture.mode.startswith("I"):  # 16-bit gray: convert("L") would clip it, not scale it
                     picture = picture.convert("F").point(lambda value: value / 257)
                 alpha = picture.mode in ("LA", "La", "PA", "RGBA", "RGBa") or "transparency" in picture.info
                 gray = picture.mode in ("1", "L", "LA", "La", "F")
@@ -562,18 +563,16 @@ def predict_files(args):
     for image_path in args.predict:
         try:
             x = prepare_digit(read_image(image_path))
-        except UserError as error:  # read_image names the file
-            print(f"error: {error}", file=sys.stderr)
-        except ValueError as error:  # prepare_digit found no digit
-            print(f"error: {image_path}: {error}", file=sys.stderr)
-        else:
-            probabilities = predict(model, x.unsqueeze(0).to(device))[0].cpu()
-            chances, digits = probabilities.topk(3)
-            (d1, d2, d3), (p1, p2, p3) = digits.tolist(), (100 * chances).tolist()
-            print(f"{image_path}: {d1} ({p1:.1f}%), then {d2} ({p2:.1f}%), {d3} ({p3:.1f}%)", flush=True)
-            answers.append((image_path, probabilities))
+        except (UserError, ValueError) as error:
+            # read_image's errors name the file; prepare_digit's (no digit found) do not.
+            print(f"error: {error if isinstance(error, UserError) else f'{image_path}: {error}'}", file=sys.stderr)
+            failed += 1
             continue
-        failed += 1
+        probabilities = predict(model, x.unsqueeze(0).to(device))[0].cpu()
+        chances, digits = probabilities.topk(3)
+        (d1, d2, d3), (p1, p2, p3) = digits.tolist(), (100 * chances).tolist()
+        print(f"{image_path}: {d1} ({p1:.1f}%), then {d2} ({p2:.1f}%), {d3} ({p3:.1f}%)", flush=True)
+        answers.append((image_path, probabilities))
     if failed:
         raise SystemExit(1)
     return answers
@@ -696,7 +695,7 @@ def parse_args(argv=None):
         for flag, given in (("--resume", args.resume), ("--epochs", args.epochs), ("--compile", args.compile)):
             if given:
                 parser.error(f"--predict trains nothing: drop {flag}")
-        if "RANK" in os.environ:
+        if under_torchrun():
             parser.error("--predict reads a few images in one process: run it with python, not torchrun")
     if args.resume and args.load:
         parser.error("--resume and --load exclude each other: --resume already restores the weights")
@@ -843,20 +842,8 @@ def prepare_run(args, team=None):
         print(f"resumed from {args.checkpoint} after epoch {epochs_done}", flush=True)
     elif args.load:
         load(model, args.load)
-    return Run(
-        args,
-        settings,
-        training,
-        train_set,
-        test_set,
-        model,
-        loss_fn,
-        optimizer,
-        scheduler,
-        generator,
-        epochs_done,
-        team,
-    )
+    return Run(args, settings, training, train_set, test_set, model, loss_fn, optimizer, scheduler, generator,
+               epochs_done, team)  # fmt: skip
 
 
 def fit(run):
@@ -1413,10 +1400,15 @@ class Team:
     speaker: int = 0  # the process that prints errors: rank 0, or the first that failed to prepare
 
 
+def under_torchrun():
+    """Whether torchrun started this process: it sets RANK, WORLD_SIZE and LOCAL_RANK (and where to meet)."""
+    return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+
+
 @contextlib.contextmanager
 def torchrun_processes():
     """Yield this process's Team, with the process group up, when torchrun started it; else None."""
-    if "RANK" not in os.environ:  # torchrun sets RANK, WORLD_SIZE, LOCAL_RANK and a rendezvous address
+    if not under_torchrun():
         yield None
         return
     machines, per_machine = os.environ.get("GROUP_WORLD_SIZE", "1"), os.environ.get("LOCAL_WORLD_SIZE", "1")
@@ -1424,8 +1416,14 @@ def torchrun_processes():
     if machines == "1":
         launcher = f"torchrun --standalone --nproc_per_node={per_machine} mnist_train.py"
     team = Team(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]), launcher)
-    # NCCL moves CUDA tensors between GPUs; gloo moves CPU tensors, and needs no GPU at all.
-    dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        # NCCL moves CUDA tensors between GPUs; gloo moves CPU tensors, and needs no GPU at all.
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    except (ValueError, RuntimeError) as error:  # launched by hand with RANK set, say
+        print(
+            f"error: process {team.rank} could not join the others ({error}): start it with torchrun", file=sys.stderr
+        )
+        raise SystemExit(1) from None
     with contextlib.ExitStack() as quiet:
         if team.rank != 0:  # one voice: the others' progress goes nowhere
             quiet.enter_context(contextlib.redirect_stdout(quiet.enter_context(open(os.devnull, "w"))))
