@@ -728,12 +728,12 @@ def resolve_settings(args, saved=None):
 
 def check_settings(args, settings, device, checkpoint, training, team=None):
     """Raise UserError for settings that cannot run together."""
-    if args.compile and training and team is not None:
-        raise UserError(
-            "--compile runs in one process: its CUDA graph replays a step that DDP would have to "
-            "all-reduce inside; run it without torchrun, or drop --compile"
-        )
     if args.compile and training:
+        if team is not None:
+            raise UserError(
+                "--compile runs in one process: its CUDA graph replays a step that DDP would have to "
+                "all-reduce inside; run it without torchrun, or drop --compile"
+            )
         if device.type != "cuda":
             raise UserError(
                 f"--compile replays the training step as a CUDA graph, and CUDA graphs exist only on "
@@ -1491,7 +1491,7 @@ def share_of(batch, rank, world_size):
     loss weighted by n * world_size / b, makes that average the whole batch's mean gradient,
     also when b does not split evenly. Invariant (tested): for any b and world size.
     """
-    share = batch.tensor_split(world_size)[rank]
+    share = shard(batch, rank, world_size)
     return share, len(share) * world_size / len(batch)
 
 
@@ -1544,7 +1544,7 @@ def evaluate_on_shards(model, x, y, loss_fn, team):
 
     Invariant (tested): the accuracy is exactly that of one process evaluating everything.
     """
-    x, y = shard(x, team), shard(y, team)
+    x, y = shard(x, team.rank, team.world_size), shard(y, team.rank, team.world_size)
     loss_sum, correct = 0.0, 0
     if len(y):
         mean_loss, accuracy = evaluate(model, iterate_batches(x, y, EVAL_BATCH_SIZE), loss_fn)
@@ -1557,7 +1557,7 @@ def evaluate_on_shards(model, x, y, loss_fn, team):
 
 def confusion_on_shards(model, x, y, team):
     """confusion_matrix of this process's shard of (x, y), summed over all processes."""
-    x, y = shard(x, team), shard(y, team)
+    x, y = shard(x, team.rank, team.world_size), shard(y, team.rank, team.world_size)
     counts = torch.zeros(10, 10, dtype=torch.long, device=x.device)
     if len(y):
         counts = confusion_matrix(model, iterate_batches(x, y, EVAL_BATCH_SIZE))
@@ -1565,9 +1565,9 @@ def confusion_on_shards(model, x, y, team):
     return counts
 
 
-def shard(tensor, team):
-    """This process's contiguous part of `tensor` (along its first dimension)."""
-    return tensor.tensor_split(team.world_size)[team.rank]
+def shard(tensor, rank, world_size):
+    """Process `rank`'s contiguous part of `tensor`, split along its first dimension among `world_size`."""
+    return tensor.tensor_split(world_size)[rank]
 
 
 def lost_another_process(error):
