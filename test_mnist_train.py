@@ -1137,17 +1137,22 @@ mt.main()
 TORCHRUN_TOLERANCE = {"rtol": 0, "atol": 1e-4}
 
 
-def torchrun(tmp_path, argv, processes=2, **env):
-    """Run TORCHRUN_WORKER under `torchrun --standalone`; return (CompletedProcess, seconds)."""
+def start_torchrun(tmp_path, argv, processes=2, env=None, **popen):
+    """Start TORCHRUN_WORKER under `torchrun --standalone` with `argv`; return the Popen, text pipes."""
     script = tmp_path / "worker.py"
     script.write_text(TORCHRUN_WORKER)
-    env = {**os.environ, "PYTHONPATH": HERE, "WRITES_LOG": str(tmp_path / "writes.log"), **env}
+    env = {**os.environ, "PYTHONPATH": HERE, "WRITES_LOG": str(tmp_path / "writes.log"), **(env or {})}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    return subprocess.Popen([*command, str(script), *argv], cwd=HERE, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)  # fmt: skip
+
+
+def torchrun(tmp_path, argv, processes=2, **env):
+    """Run TORCHRUN_WORKER under `torchrun --standalone` to the end; return (CompletedProcess, seconds)."""
     start = time.monotonic()
-    done = subprocess.run(
-        [*command, str(script), *argv], cwd=HERE, env=env, capture_output=True, text=True, timeout=300
-    )
-    return done, time.monotonic() - start
+    job = start_torchrun(tmp_path, argv, processes, env)
+    out, err = job.communicate(timeout=300)
+    return subprocess.CompletedProcess(job.args, job.returncode, out, err), time.monotonic() - start
 
 
 def write_uneven_mnist(data_dir):
@@ -1230,14 +1235,8 @@ def test_a_process_that_dies_mid_run_ends_the_job_promptly(fake_mnist, tmp_path)
 @pytest.mark.parametrize("stop", ["Ctrl-C in the terminal", "SIGTERM to torchrun"])
 def test_a_stopped_torchrun_job_says_once_how_to_resume_it(stop, tmp_path):
     data_dir = write_fake_mnist(tmp_path / "data", n_train=2000, n_test=20)
-    script = tmp_path / "worker.py"
-    script.write_text(TORCHRUN_WORKER)
-    env = {**os.environ, "PYTHONPATH": HERE, "WRITES_LOG": str(tmp_path / "writes.log")}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
-    argv = cli(tmp_path, data_dir, "--epochs", "1000")
     # In a session of its own, like a job started from a terminal: Ctrl-C signals the whole group.
-    job = subprocess.Popen([*command, *argv], cwd=HERE, env=env, text=True, start_new_session=True,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    job = start_torchrun(tmp_path, cli(tmp_path, data_dir, "--epochs", "1000"), start_new_session=True)
     for line in job.stdout:
         if line.startswith("epoch  2/1000"):
             break
@@ -1433,14 +1432,33 @@ def test_predict_answers_the_good_files_and_names_each_bad_one(tmp_path, capsys)
     )
 
 
-def test_a_picture_too_large_to_read_safely_is_refused_with_one_line(tmp_path, capsys, monkeypatch):
+# The picture below has 212 x 212 = 44,944 pixels. Pillow refuses more than twice its limit
+# outright, and between one and two times only warns: read_image refuses both.
+@pytest.mark.parametrize("limit", [10_000, 30_000])
+def test_a_picture_too_large_to_read_safely_is_refused_with_one_line(limit, tmp_path, capsys, monkeypatch):
     mt.save(mt.build_model(), tmp_path / "model.pth")
     save_as_users_file(drawn_digit(1), tmp_path / "big.png", 4, (100, 100), (0.5, 0.5), True, "L PNG")
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # as if it were a decompression bomb
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)  # as if it were a decompression bomb
     argv = ["--predict", str(tmp_path / "big.png"), "--load", str(tmp_path / "model.pth"), "--device", "cpu"]
     status, err = run_main_expecting_exit(argv, capsys)
     assert status == 1 and err.count("\n") == 1
-    assert err.startswith(f"error: {tmp_path / 'big.png'} is too large to read safely (more than 10,000 pixels")
+    assert err.startswith(f"error: {tmp_path / 'big.png'} is too large to read safely (more than {limit:,} pixels")
+
+
+def test_prepare_digit_drops_a_dark_frame_and_refuses_one_with_nothing_inside():
+    digit = drawn_digit(3)
+    picture = torch.full((1, 200, 200), 255, dtype=torch.uint8)
+    picture[0, 60:144, 60:144] = 255 - F.interpolate(digit.float()[None, None], size=(84, 84), mode="bilinear")[
+        0, 0
+    ].to(torch.uint8)
+    framed = picture.clone()
+    for band in (framed[0, :8], framed[0, -8:], framed[0, :, :8], framed[0, :, -8:]):
+        band.fill_(30)  # a dark frame 8 px wide: a desk around the paper, say
+    a, b = blurred(as_unit_image(mt.prepare_digit(framed))), blurred(as_unit_image(mt.prepare_digit(picture)))
+    assert (a - b).abs().mean() <= SAME_DIGIT["max_mean_difference"]
+    framed[0, 8:-8, 8:-8] = 255  # the same frame around blank paper
+    with pytest.raises(ValueError, match="no digit found apart from the dark frame"):
+        mt.prepare_digit(framed)
 
 
 def test_predict_without_a_model_says_how_to_make_one(tmp_path, capsys):
