@@ -1,14 +1,14 @@
 """Time training epochs fed the guide's way (a DataLoader) against mnist_train's tensors on the device.
 
 Same model, loss, optimizer, schedule, batch size and train_epoch for every row; only
-the way batches arrive differs (plus (c0)'s unfused Adam, and on CUDA the --compile replay):
+the way batches arrive differs (plus (c0)'s unfused Adam, and on CUDA the --cuda-graph replay):
 
     (a) DataLoader over torchvision MNIST, ToTensor + Normalize, shuffled, num_workers=0
     (b) the same with worker processes
     (c) the whole set as tensors on the device, a randperm per epoch (mnist_train's way)
     (c0) for scale: (c)'s tensors with a plain step: x[index] gathers and Adam's default
          (unfused) update, i.e. what mnist_train's per-step choices save
-    (d) (c) with each step replayed as a CUDA graph (mnist_train --compile; CUDA only)
+    (d) (c) with each step replayed as a CUDA graph (mnist_train --cuda-graph; CUDA only)
 
 Run: python bench/benchmark.py --data-dir ./data [--device auto] [--epochs 3]
 """
@@ -85,7 +85,7 @@ def main(argv=None):
         generator = torch.Generator().manual_seed(args.seed)
 
         def batches():
-            order = mt.shuffled_order(len(x_train), generator, device)
+            order = torch.randperm(len(x_train), generator=generator).to(device)
             return ((x_train[index], y_train[index]) for index in order.split(bs))
 
         return lambda: mt.train_epoch(model, batches(), loss_fn, optimizer, scheduler)
@@ -102,7 +102,7 @@ def main(argv=None):
         ("(c0) tensors on device, plain step (x[index], unfused Adam)", plain_way, False),
     ]
     if device.type == "cuda":
-        ways.append(("(d) tensors + CUDA graph (--compile)", graph_way, True))
+        ways.append(("(d) tensors + CUDA graph (--cuda-graph)", graph_way, True))
 
     gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
     print(
