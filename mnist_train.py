@@ -38,11 +38,8 @@ import dataclasses
 import errno
 import math
 import os
-import pickle
 import shlex
 import signal
-import stat
-import struct
 import sys
 import tempfile
 import time
@@ -53,7 +50,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torch.nn.parallel import DistributedDataParallel
 
 # Mean and standard deviation of the 60,000 training images' pixels (after /255); the
 # same values pytorch/examples and torchvision's Normalize recipes use.
@@ -259,7 +255,7 @@ def atomic_save(obj, path):
         # or those of any new file (the umask's).
         umask = os.umask(0o022)
         os.umask(umask)
-        os.chmod(temporary, stat.S_IMODE(os.stat(path).st_mode) if os.path.exists(path) else 0o666 & ~umask)
+        os.chmod(temporary, os.stat(path).st_mode & 0o7777 if os.path.exists(path) else 0o666 & ~umask)
         # 2) Write, and flush to disk before the name points at it; 3) rename over the target.
         with open(handle, "wb") as f:
             torch.save(obj, f)
@@ -444,22 +440,18 @@ def confusion_matrix(model, batches, num_classes=10):
 
 
 def main(argv=None):
-    """Train (or resume, or only evaluate, or read your images) from the command line; return the results.
-
-    The story of a run: flags -> device -> data -> model, loss, optimizer, schedule -> resume -> for each
-    epoch: train, evaluate, checkpoint, report -> save. `one_line_errors` wraps it: whatever ends a run
-    early (bad input, Ctrl-C, a full disk) ends it with one line saying what is safe and how to go on.
-    """
+    """Train (or resume, or only evaluate, or read your images) from the command line; return the results:
+    flags -> device -> data -> model, loss, optimizer, schedule -> resume -> for each epoch: train, evaluate,
+    checkpoint, report -> save. Around it, one_line_errors: whatever ends a run early ends it in one line."""
     args = parse_args(argv)
-    with torchrun_world() as world, one_line_errors(args, world) as run:
+    with torchrun_processes(args) as run, one_line_errors(run):
         if args.predict:
             return predict_files(args)
-        with all_start_or_none(world):  # under torchrun: if one process cannot start, none does
+        with all_start_or_none(run):  # under torchrun: if one process cannot start, none does
             # 1) The device and the settings: the flags', or the checkpoint's when resuming.
-            device = pick_device(args.device, world)
-            checkpoint = read_checkpoint(args.checkpoint, device) if args.resume else None
-            settings = resolve_settings(args, device, checkpoint, world)
-            print(header(settings, device, world), flush=True)
+            device = pick_device(args.device, run.local_rank)
+            settings, checkpoint = resolve_settings(run, device)
+            print(header(settings, device, run.world_size), flush=True)
             # 2) The data, as tensors on the device; then seed, before anything random.
             train_set, test_set = load_mnist(args.data_dir, True, device), load_mnist(args.data_dir, False, device)
             torch.manual_seed(settings["seed"])  # the initial weights
@@ -467,33 +459,29 @@ def main(argv=None):
             # 3) Steps 1-3: the model, the loss, the optimizer and its schedule.
             model, loss_fn = build_model(device), make_loss()
             optimizer = make_optimizer(model, settings["optimizer"], settings["lr"])
-            scheduler = make_scheduler(optimizer, settings["epochs"] * math.ceil(len(train_set[1]) / settings["batch_size"]))
+            scheduler = make_scheduler(optimizer, settings["epochs"] * -(-len(train_set[1]) // settings["batch_size"]))
             # 4) Resume where the checkpoint left off, or start from saved weights.
             if checkpoint is not None:
                 run.epochs_done = load_checkpoint(checkpoint, args.checkpoint, model, optimizer, scheduler, generator)
                 print(f"resumed from {args.checkpoint} after epoch {run.epochs_done}", flush=True)
             elif args.load:
-                load_weights(model, args.load)
-        if args.epochs == 0:
-            return evaluate_saved_weights(model, test_set, loss_fn, args.load)
+                with reading(args.load):
+                    load(model, args.load)
         # 5) Step 4, epoch after epoch: train, evaluate, checkpoint, report.
         train_one_epoch = make_epoch_trainer(args, settings, model, loss_fn, optimizer, scheduler, generator, train_set)
-        run.training, run.epochs, history = True, settings["epochs"], []
-        for epoch in range(run.epochs_done + 1, run.epochs + 1):
-            start = time.perf_counter()
-            train_loss = train_one_epoch(f"epoch {epoch}/{run.epochs}")  # its .item() waited for the device
-            seconds = time.perf_counter() - start
-            # Every process evaluates the whole test set: the same weights give the same numbers. A test set
-            # too big for that would be split among them (DistributedSampler), loss sums and counts all-reduced.
+        run.training, run.epochs, history = args.epochs != 0, settings["epochs"], []
+        for epoch in range(run.epochs_done + 1, run.epochs + 1 if run.training else 0):
+            train_loss, seconds = train_one_epoch(f"epoch {epoch}/{run.epochs}")
             test_loss, accuracy = evaluate(model, iterate_batches(*test_set, EVAL_BATCH_SIZE), loss_fn)
             if not math.isfinite(train_loss + test_loss):  # never train on, or checkpoint, NaN weights
                 raise UserError(f"the loss became {train_loss} (train), {test_loss} (test) in epoch {epoch}: try "
-                                f"a lower --lr (this run used {settings['lr']:g}); {resume_hint(run, None)}")  # fmt: skip
-            if world.master_process:  # one process writes the files
-                save_checkpoint(args.checkpoint, model, optimizer, scheduler, generator, epoch, settings)
+                                f"a lower --lr (this run used {settings['lr']:g}); {resume_hint(run)}")  # fmt: skip
+            if run.master_process:  # one process writes the files
+                with writing(run, args.checkpoint):
+                    save_checkpoint(args.checkpoint, model, optimizer, scheduler, generator, epoch, settings)
             run.epochs_done = epoch  # from here on, Ctrl-C loses nothing of this epoch
             history.append(report(epoch, run.epochs, train_loss, test_loss, accuracy, seconds, len(train_set[1])))
-        # 6) Where the model errs, then step 6: save the weights.
+        # 6) Where the model errs, then step 6: save the weights (or, with --epochs 0, only evaluate them).
         return finish(run, model, loss_fn, test_set, history)
 
 
@@ -501,132 +489,123 @@ def main(argv=None):
 # The run's parts: settings, the epoch trainer, reports
 # ---------------------------------------------------------------------------
 
-DEFAULTS = {"epochs": 5, "batch_size": 64, "optimizer": "adam", "seed": 0}
+DEFAULTS = {"epochs": 5, "batch_size": 64, "optimizer": "adam", "seed": 0, "lr": None}  # lr: DEFAULT_LR's
 EVAL_BATCH_SIZE = 1000  # no gradients are kept, so evaluation can take bigger bites
 
 
-def resolve_settings(args, device, checkpoint, world):
-    """The run's settings: each flag given, else the checkpoint's (when resuming), else DEFAULTS;
-    then refuse, before any training, what cannot run or would destroy a file.
-
-    A flag set to another value than the checkpoint's is an error: the run could not match.
-    """
-    saved = checkpoint["settings"] if checkpoint else {}
-    settings = {}
-    for key in ("epochs", "batch_size", "optimizer", "seed", "lr"):
+def resolve_settings(run, device):
+    """(settings, checkpoint): each setting the flag's, else the checkpoint's (resuming), else DEFAULTS'.
+    Refuses, before any training, what cannot run or would destroy a file."""
+    args = run.args
+    checkpoint = read_checkpoint(args.checkpoint, device) if args.resume else None
+    saved = checkpoint["settings"] if checkpoint else DEFAULTS
+    for key in DEFAULTS:  # a flag that differs from the checkpoint's: the run could not match (epochs may grow)
         asked, flag = getattr(args, key), "--" + key.replace("_", "-")
-        if checkpoint and asked is not None and asked != saved[key] and key != "epochs":  # a run may be extended
+        if checkpoint and asked not in (None, saved[key]) and key != "epochs":
             raise UserError(f"{flag} {asked} does not match the checkpoint's {saved[key]}: drop {flag} to resume")
-        settings[key] = asked if asked is not None else saved.get(key, DEFAULTS.get(key))
+    settings = {key: saved[key] if getattr(args, key) is None else getattr(args, key) for key in DEFAULTS}
     settings["lr"] = settings["lr"] or DEFAULT_LR[settings["optimizer"]]
     if checkpoint and checkpoint["epoch"] > settings["epochs"]:
         raise UserError(f"{args.checkpoint} has already trained {checkpoint['epoch']} epochs: ask for more with --epochs")
-    if args.epochs != 0:  # training
-        if args.cuda_graph:
-            check_cuda_graph(device, settings["optimizer"])
-        if world.master_process:  # the one that writes: refuse now rather than after an hour of training
-            check_writable(args.save, "--save")
-            check_writable(args.checkpoint, "--checkpoint")
-        if not args.resume:
-            refuse_to_overwrite(args.checkpoint)
-    return settings
+    for refused, why in (  # the CUDA-graph step needs one process, a CUDA device and Adam
+        (dist.is_initialized(), "runs in one process: DDP would have to all-reduce inside its graph; run it without torchrun"),
+        (device.type != "cuda", "replays each step as a CUDA graph, and CUDA graphs exist only on CUDA devices: use --device cuda"),
+        (settings["optimizer"] != "adam", "needs --optimizer adam: SGD cannot read its learning rate inside a graph"),
+    ):
+        if refused and args.cuda_graph and args.epochs != 0:
+            raise UserError(f"--cuda-graph {why}, or drop --cuda-graph")
+    for path, flag in ((args.save, "--save"), (args.checkpoint, "--checkpoint")) * (args.epochs != 0 and run.master_process):
+        check_writable(path, flag)  # now rather than after an hour of training; one process writes
+    if args.epochs != 0 and not args.resume:
+        refuse_to_overwrite(args.checkpoint)
+    return settings, checkpoint
 
 
-def header(settings, device, world):
+def header(settings, device, world_size):
     """The run's first line: what trains, where, and how."""
-    epochs, processes = settings["epochs"], world.world_size
-    return (
-        f"mnist_train: torch {torch.__version__}, device {device}, seed {settings['seed']}, {settings['optimizer']} "
-        f"lr {settings['lr']:g}, batch {settings['batch_size']}, {epochs} epoch{'s' if epochs != 1 else ''}"
-        + (f", {processes} process{'es' if processes != 1 else ''} under torchrun" if dist.is_initialized() else "")
-    )
+    epochs = settings["epochs"]
+    return (f"mnist_train: torch {torch.__version__}, device {device}, seed {settings['seed']}, {settings['optimizer']} "
+            f"lr {settings['lr']:g}, batch {settings['batch_size']}, {epochs} epoch{'s' * (epochs != 1)}"
+            + f", {world_size} process{'es' * (world_size != 1)} under torchrun" * dist.is_initialized())  # fmt: skip
 
 
 def make_epoch_trainer(args, settings, model, loss_fn, optimizer, scheduler, generator, train_set):
-    """Return train(label) -> the mean loss of one more epoch: the lesson's train_epoch over this
+    """Return train(label) -> (mean loss, seconds) of one more epoch: the lesson's train_epoch over this
     process's part of every batch (all of it, alone), or with --cuda-graph its CUDA-graph twin."""
-    (x, y), batch_size = train_set, settings["batch_size"]
+    (x, y), batch_size, rank, world_size = train_set, settings["batch_size"], 0, 1
     if args.cuda_graph:
         graphed_train_epoch = make_graphed_train_epoch(model, loss_fn, optimizer, scheduler, x, y, batch_size)
-        return lambda label: graphed_train_epoch(generator)
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     if dist.is_initialized():
         # DDP wraps the very model (no copy) and averages the processes' gradients in backward().
-        model = DistributedDataParallel(model, device_ids=[x.device.index] if x.device.type == "cuda" else None)
-        loss_fn = share_loss(loss_fn, world_size)
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[x.device.index] if x.device.type == "cuda" else None)
+        loss_fn, rank, world_size = share_loss(loss_fn), dist.get_rank(), dist.get_world_size()
 
     def train(label):
-        batches = iterate_batches(x, y, batch_size, generator, rank, world_size)
-        batches = show_progress(batches, math.ceil(len(x) / batch_size), label)
-        return mean_over_ranks(train_epoch(model, batches, loss_fn, optimizer, scheduler))
+        start = time.perf_counter()
+        if args.cuda_graph:
+            return graphed_train_epoch(generator), time.perf_counter() - start
+        batches = show_progress(iterate_batches(x, y, batch_size, generator, rank, world_size), label, len(x) // batch_size)
+        loss = torch.tensor([train_epoch(model, batches, loss_fn, optimizer, scheduler)], dtype=torch.float64)
+        if dist.is_initialized():  # the mean over the processes: every one reports the same number
+            dist.all_reduce(loss)
+        # train_epoch's loss.item() waited for the device: the time is the epoch's.
+        return loss.item() / world_size, time.perf_counter() - start
 
     return train
 
 
 def report(epoch, epochs, train_loss, test_loss, accuracy, seconds, images):
     """Print one epoch's line; return its metrics."""
-    print(
-        f"epoch {epoch:>2}/{epochs}  train loss {train_loss:.4f}  test loss {test_loss:.4f}  "
-        f"test acc {100 * accuracy:6.2f}%  {seconds:6.2f} s  {images / seconds:>9,.0f} img/s",
-        flush=True,
-    )
+    print(f"epoch {epoch:>2}/{epochs}  train loss {train_loss:.4f}  test loss {test_loss:.4f}  test acc "
+          f"{100 * accuracy:6.2f}%  {seconds:6.2f} s  {images / seconds:>9,.0f} img/s", flush=True)  # fmt: skip
     return {"train_loss": train_loss, "test_loss": test_loss, "test_accuracy": accuracy, "seconds": seconds}
 
 
 def finish(run, model, loss_fn, test_set, history):
-    """Say where the model errs, save the trained weights (step 6), say where; return the final metrics."""
+    """Say where the model errs, save the trained weights (step 6), say where; return the final metrics.
+    Without training (--epochs 0 --load) only evaluate: the test metrics, the whole confusion matrix."""
     if history:
         test_loss, accuracy = history[-1]["test_loss"], history[-1]["test_accuracy"]
-    else:  # resumed a run that had already finished
+    else:  # only evaluating, or resumed a run that had already finished
         test_loss, accuracy = evaluate(model, iterate_batches(*test_set, EVAL_BATCH_SIZE), loss_fn)
+    if not run.training:
+        print(f"test loss {test_loss:.4f}  test accuracy {100 * accuracy:.2f}% ({run.args.load}, not trained)")
     confusion = confusion_matrix(model, iterate_batches(*test_set, EVAL_BATCH_SIZE))
-    print(*class_report(confusion), sep="\n", flush=True)
-    if run.world.master_process:
-        with writing(run.args.save):
-            save(model, run.args.save)
-    print(f"test accuracy {100 * accuracy:.2f}% | model saved to {run.args.save}", flush=True)
+    print(*class_report(confusion, whole_matrix=not run.training), sep="\n", flush=True)
+    if run.training:
+        if run.master_process:  # one process writes the files
+            with writing(run, run.args.save):
+                save(model, run.args.save)
+        print(f"test accuracy {100 * accuracy:.2f}% | model saved to {run.args.save}", flush=True)
     metrics = {"test_loss": test_loss, "test_accuracy": accuracy, "confusion": confusion.tolist()}
-    return {**metrics, "epochs": run.epochs, "history": history}
-
-
-def evaluate_saved_weights(model, test_set, loss_fn, path):
-    """--epochs 0 --load PATH: report the test metrics of saved weights, and where they err; write nothing."""
-    test_loss, accuracy = evaluate(model, iterate_batches(*test_set, EVAL_BATCH_SIZE), loss_fn)
-    print(f"test loss {test_loss:.4f}  test accuracy {100 * accuracy:.2f}% ({path}, not trained)")
-    confusion = confusion_matrix(model, iterate_batches(*test_set, EVAL_BATCH_SIZE))
-    print(*class_report(confusion, whole_matrix=True), sep="\n")
-    return {"test_loss": test_loss, "test_accuracy": accuracy, "confusion": confusion.tolist(), "epochs": 0}
+    return {**metrics, "epochs": run.epochs * run.training, "history": history}
 
 
 def class_report(confusion, whole_matrix=False):
     """Lines that say where the model errs, beyond one accuracy: the accuracy of each digit,
     the three most frequent confusions, and (whole_matrix) the confusion matrix, aligned."""
-    confusion = confusion.cpu()
-    per_digit = confusion.diag() / confusion.sum(1).clamp(min=1)
-    lines = ["accuracy per digit: " + "  ".join(f"{d} {100 * a:.1f}%" for d, a in enumerate(per_digit.tolist()))]
-    mistakes = (confusion - torch.diag(confusion.diag())).flatten()
-    counts, where = mistakes.sort(descending=True, stable=True)
-    n = len(confusion)
+    confusion, n = confusion.cpu(), len(confusion)
+    per_digit = (confusion.diag() / confusion.sum(1).clamp(min=1)).tolist()
+    counts, where = (confusion - torch.diag(confusion.diag())).flatten().sort(descending=True, stable=True)
     worst = [f"{i // n}->{i % n} x{c}" for c, i in zip(counts[:3].tolist(), where[:3].tolist()) if c > 0]
-    lines.append("most confused (true->predicted): " + (", ".join(worst) or "none"))
+    lines = ["accuracy per digit: " + "  ".join(f"{d} {100 * a:.1f}%" for d, a in enumerate(per_digit)),
+             "most confused (true->predicted): " + (", ".join(worst) or "none")]  # fmt: skip
     if whole_matrix:
         width = len(str(int(confusion.max()))) + 2
-        lines.append("confusion matrix, rows the true digit, columns the predicted:")
-        lines.append("  " + "".join(f"{d:>{width}}" for d in range(n)))
-        lines += [f"{t:>2}" + "".join(f"{c:>{width}}" for c in row) for t, row in enumerate(confusion.tolist())]
+        lines += ["confusion matrix, rows the true digit, columns the predicted:"]
+        lines += [f"{t:>2}" + "".join(f"{c:>{width}}" for c in row) for t, row in [("", range(n)), *enumerate(confusion.tolist())]]
     return lines
 
 
-def show_progress(batches, total, label):
+def show_progress(batches, label, total):
     """Pass `batches` through, redrawing a progress line on stderr when it is a terminal (rank 0's only)."""
-    if not sys.stderr.isatty() or os.environ.get("RANK", "0") != "0":
-        yield from batches
-        return
+    shown = sys.stderr.isatty() and os.environ.get("RANK", "0") == "0"
     for done, batch in enumerate(batches, 1):
-        if done % 50 == 0 or done == total:
+        if shown and done % 50 == 0:
             print(f"\r{label} {done}/{total}", end="", file=sys.stderr, flush=True)
         yield batch
-    print("\r" + " " * (len(label) + 2 * len(str(total)) + 2) + "\r", end="", file=sys.stderr)
+    if shown:
+        print("\r" + " " * (len(label) + 2 * len(str(total)) + 2) + "\r", end="", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------
@@ -645,40 +624,31 @@ def load_mnist(data_dir, train, device):
     """Return one MNIST split as (x, y) on `device`: x [N, 1, 28, 28] normalized float32, y [N] int64."""
     from torchvision import datasets  # here, not at the top: --predict never pays for importing it
 
-    raw = os.path.join(data_dir, "MNIST", "raw")
-    split = "train" if train else "t10k"
+    raw, split = os.path.join(data_dir, "MNIST", "raw"), "train" if train else "t10k"
     images, labels = os.path.join(raw, f"{split}-images-idx3-ubyte"), os.path.join(raw, f"{split}-labels-idx1-ubyte")
     for path, ndim in ((images, 3), (labels, 1)):
-        if os.path.exists(path):
-            check_idx_file(path, ndim)
+        if not os.path.exists(path):
+            continue  # torchvision downloads it, or says it is missing
+        # An IDX file: bytes 0, 0, 8 (uint8) and the number of dims, each dim as a big-endian uint32, then
+        # the data, filling the rest exactly. torchvision would fail on less, and not say which file.
+        with open(path, "rb") as f:
+            head = f.read(4 + 4 * ndim)
+        dims = [int.from_bytes(head[i : i + 4], "big") for i in range(4, len(head) - 3, 4)]
+        if head[:4] != bytes([0, 0, 8, ndim]) or len(dims) != ndim or os.path.getsize(path) != len(head) + math.prod(dims):
+            raise UserError(f"{path} is truncated or corrupt: delete it and fetch it again from {MNIST_MIRROR}")
     try:
         dataset = datasets.MNIST(data_dir, train=train, download=True)
     except (RuntimeError, OSError) as error:
-        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-        raise UserError(
-            f"MNIST is not in {raw} and could not be downloaded ({reason}); offline, put the four files "
-            f"{', '.join(MNIST_FILES)} there, gunzipped from {MNIST_MIRROR}<name>.gz"
-        ) from None
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[-1]
+        raise UserError(f"MNIST is not in {raw} and could not be downloaded ({reason}); offline, put the four files "
+                        f"{', '.join(MNIST_FILES)} there, gunzipped from {MNIST_MIRROR}<name>.gz") from None  # fmt: skip
     if len(dataset.targets) != len(dataset.data):
         raise UserError(f"{labels} holds {len(dataset.targets)} labels for {len(dataset.data)} images in {images}")
     if dataset.targets.max() > 9:
         raise UserError(f"{labels} has labels above 9: corrupt")
     # Move the uint8 pixels first (4x less to copy), then scale on the device exactly as
     # ToTensor (/255) followed by Normalize(MNIST_MEAN, MNIST_STD) would.
-    x = dataset.data.to(device).float().div(255).sub(MNIST_MEAN).div(MNIST_STD).unsqueeze(1)
-    return x, dataset.targets.to(device)
-
-
-def check_idx_file(path, ndim):
-    """Raise UserError naming `path` unless it is a complete uint8 IDX file of `ndim` dimensions."""
-    with open(path, "rb") as f:
-        # IDX header: two zero bytes, type 0x08 (uint8), the number of dims, then each dim as a
-        # big-endian uint32; the data must fill the rest of the file exactly.
-        magic = f.read(4)
-        dims = f.read(4 * ndim) if magic == bytes([0, 0, 8, ndim]) else b""
-    shape = struct.unpack(f">{ndim}I", dims) if len(dims) == 4 * ndim else None
-    if shape is None or os.path.getsize(path) != 4 + 4 * ndim + math.prod(shape):
-        raise UserError(f"{path} is truncated or corrupt: delete it and fetch it again from {MNIST_MIRROR}")
+    return dataset.data.to(device).float().div(255).sub(MNIST_MEAN).div(MNIST_STD).unsqueeze(1), dataset.targets.to(device)
 
 
 def iterate_batches(x, y, batch_size, generator=None, rank=0, world_size=1):
@@ -704,7 +674,7 @@ def iterate_batches(x, y, batch_size, generator=None, rank=0, world_size=1):
 
 
 def read_image(path):
-    """Read an image file with Pillow into uint8 [C, H, W]: gray, gray+alpha, RGB or RGBA.
+    """Read an image file with Pillow into uint8 [C, H, W]: gray+alpha or RGBA.
 
     Raises UserError saying why a file can't be used: missing, a folder, empty, not an image,
     damaged, or too large (Pillow refuses decompression bombs: pictures of more than
@@ -712,33 +682,26 @@ def read_image(path):
     """
     try:
         with warnings.catch_warnings():
-            # Pillow only warns between one and two times its limit; refuse those too.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # Pillow only warns up to twice its limit
             with Image.open(path) as picture:
-                # A phone stores how it was held; exif_transpose turns the pixels upright.
-                picture = ImageOps.exif_transpose(picture)
+                picture = ImageOps.exif_transpose(picture)  # a phone stores how it was held: turn it upright
                 if picture.mode.startswith("I"):  # 16-bit gray: convert("L") would clip it, not scale it
                     picture = picture.convert("F").point(lambda value: value / 257)
-                alpha = picture.mode in ("LA", "La", "PA", "RGBA", "RGBa") or "transparency" in picture.info
-                gray = picture.mode in ("1", "L", "LA", "La", "F")
-                picture = picture.convert(("LA" if alpha else "L") if gray else ("RGBA" if alpha else "RGB"))
+                picture = picture.convert("LA" if picture.mode in ("1", "L", "LA", "La", "F") else "RGBA")
                 pixels = torch.frombuffer(bytearray(picture.tobytes()), dtype=torch.uint8)
-                width, height = picture.size
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise UserError(f"{path} is a folder, not an image") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise UserError(
-            f"{path} is too large to read safely (more than {Image.MAX_IMAGE_PIXELS:,} pixels, "
-            "Pillow's guard against decompression bombs): scale it down first"
-        ) from None
+        raise UserError(f"{path} is too large to read safely (more than {Image.MAX_IMAGE_PIXELS:,} pixels, "
+                        "Pillow's guard against decompression bombs): scale it down first") from None  # fmt: skip
     except UnidentifiedImageError:
         what = "an empty file" if os.path.getsize(path) == 0 else "not an image Pillow can read"
         raise UserError(f"{path} is {what} (PNG, JPEG, BMP, GIF, TIFF and WebP work)") from None
     except OSError as error:
         raise UserError(f"{path} is damaged or cut short ({error})") from None
-    return pixels.view(height, width, -1).permute(2, 0, 1)
+    return pixels.view(picture.height, picture.width, -1).permute(2, 0, 1)
 
 
 def predict_files(args):
@@ -747,28 +710,23 @@ def predict_files(args):
     A file that can't be used gets one line on stderr naming it and why, and the others are
     still answered; the exit status is then 1. Returns [(path, probabilities)] of those read.
     """
-    path = args.load or "model.pth"
+    path, device, answers = args.load or "model.pth", pick_device(args.device), []
     if not os.path.exists(path):
-        raise UserError(
-            f"{path}: no such file: train a model first (python mnist_train.py saves model.pth), or give --load PATH"
-        )
-    device = pick_device(args.device)
-    model = load_weights(build_model(device), path)
-    answers, failed = [], 0
+        raise UserError(f"{path}: no such file: train a model first (python mnist_train.py saves model.pth), or give --load PATH")
+    with reading(path):
+        model = load(build_model(device), path)
     for image_path in args.predict:
         try:
             x = prepare_digit(read_image(image_path))
-        except (UserError, ValueError) as error:
-            # read_image's errors name the file; prepare_digit's (no digit found) do not.
+        except (UserError, ValueError) as error:  # read_image's errors name the file; prepare_digit's do not
             print(f"error: {error if isinstance(error, UserError) else f'{image_path}: {error}'}", file=sys.stderr)
-            failed += 1
             continue
         probabilities = predict(model, x.unsqueeze(0).to(device))[0].cpu()
         chances, digits = probabilities.topk(3)
         (d1, d2, d3), (p1, p2, p3) = digits.tolist(), (100 * chances).tolist()
         print(f"{image_path}: {d1} ({p1:.1f}%), then {d2} ({p2:.1f}%), {d3} ({p3:.1f}%)", flush=True)
         answers.append((image_path, probabilities))
-    if failed:
+    if len(answers) < len(args.predict):
         raise SystemExit(1)
     return answers
 
@@ -778,108 +736,85 @@ def predict_files(args):
 # ---------------------------------------------------------------------------
 
 
+# Defaults of the flags a resume command names when they differ (the checkpoint holds the rest).
+FLAG_DEFAULTS = {"checkpoint": "checkpoint.pt", "data_dir": "./data", "save": "model.pth", "device": "auto"}
+
+
 def number(kind, positive):
     """An argparse type: a finite `kind` above 0 (positive), else an int from 0 to 2**63 - 1 (as torch.manual_seed takes)."""
 
     def parse(text):
-        try:
+        with contextlib.suppress(ValueError):
             value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if kind is int else ''}number") from None
-        if positive and not (math.isfinite(value) and value > 0):
-            raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
-        if not positive and not 0 <= value < 2**63:
-            raise argparse.ArgumentTypeError(f"must be from 0 to 2**63 - 1, got {text}")
-        return value
+            if (math.isfinite(value) and value > 0) if positive else 0 <= value < 2**63:
+                return value
+        allowed = f"{'whole' if kind is int else 'finite'} number " + ("above 0" if positive else "from 0 to 2**63 - 1")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a {allowed}")
 
     return parse
 
 
-def device_name(text):
-    """An argparse type: 'auto' or a device string torch understands, of type cpu, cuda or mps."""
-    try:
-        known = text == "auto" or torch.device(text).type in ("cpu", "cuda", "mps")
-    except RuntimeError:
-        known = False
-    if not known:
-        raise argparse.ArgumentTypeError(f"unknown device {text!r}: use auto, cpu, cuda, cuda:N or mps")
-    return text
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (argparse's own prints the whole usage first)."""
-
-    def error(self, message):
-        # Under torchrun every process parses the same flags: the first one says what is wrong.
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n" if os.environ.get("RANK", "0") == "0" else None)
-
-
-def make_parser():
-    """The flags. Settings a checkpoint remembers default to None: --resume then takes the checkpoint's."""
-    parser = OneLineParser(description="Train the guide's MLP on MNIST.")
+def parse_args(argv=None):
+    """Parse the flags; a usage error exits with status 2 and one line (argparse's own error prints
+    the whole usage first). Settings a checkpoint remembers default to None: --resume takes its."""
+    parser = argparse.ArgumentParser(description="Train the guide's MLP on MNIST.")
+    first = os.environ.get("RANK", "0") == "0"  # under torchrun every process parses the flags: one says why
+    parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {message} (see --help)\n" * first)
     add = parser.add_argument
     add("--epochs", type=number(int, False), help="total epochs (default 5; 0 with --load only evaluates)")
     add("--batch-size", type=number(int, True), help="training batch size (default 64)")
     add("--lr", type=number(float, True), help="peak learning rate (default 3e-3 for adam, 0.05 for sgd)")
     add("--optimizer", choices=["adam", "sgd"], help="default adam")
     add("--seed", type=number(int, False), help="seeds the initial weights and the shuffle (default 0)")
-    add("--device", type=device_name, default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
-    add("--data-dir", default="./data", help="MNIST goes in DATA_DIR/MNIST/raw (default ./data)")
-    add("--save", default="model.pth", help="where to save the trained weights (default model.pth)")
-    add("--checkpoint", default="checkpoint.pt", help="resume file, written every epoch (default checkpoint.pt)")
+    add("--device", default=FLAG_DEFAULTS["device"], help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    add("--data-dir", default=FLAG_DEFAULTS["data_dir"], help="MNIST goes in DATA_DIR/MNIST/raw (default ./data)")
+    add("--save", default=FLAG_DEFAULTS["save"], help="where to save the trained weights (default model.pth)")
+    add("--checkpoint", default=FLAG_DEFAULTS["checkpoint"], help="resume file, written every epoch (default checkpoint.pt)")
     add("--resume", action="store_true", help="continue the run saved in --checkpoint")
     add("--load", metavar="PATH", help="start from these saved weights")
-    add("--cuda-graph", action="store_true", help="replay each training step as one CUDA graph (CUDA, adam): "
-        "5-10x faster epochs on a GPU. Not torch.compile, which took 21.5 s to compile this step and ran "
-        "slower per epoch (bench/README.md)")  # fmt: skip
+    add("--cuda-graph", action="store_true", help="replay each training step as one CUDA graph (CUDA, adam): about "
+        "10x faster epochs on a GPU. Not torch.compile: compiling this step took 21.5 s and ran slower (bench/README.md)")  # fmt: skip
     add("--predict", nargs="+", metavar="IMAGE", help="read the digit in each image with the model in --load (model.pth)")
-    return parser
-
-
-def parse_args(argv=None):
-    """Parse the flags; a usage error exits with status 2 and a one-line message."""
-    parser = make_parser()
     args = parser.parse_args(argv)
-    if args.predict:
-        for flag, given in (("--resume", args.resume), ("--epochs", args.epochs), ("--cuda-graph", args.cuda_graph)):
-            if given:
-                parser.error(f"--predict trains nothing: drop {flag}")
-        if "RANK" in os.environ:
-            parser.error("--predict reads a few images in one process: run it with python, not torchrun")
-    if args.resume and args.load:
-        parser.error("--resume and --load exclude each other: --resume already restores the weights")
-    if args.epochs == 0 and not args.load and not args.predict:
-        parser.error("--epochs 0 trains nothing: use it with --load PATH to evaluate saved weights")
+    try:
+        device_type = "cpu" if args.device == "auto" else torch.device(args.device).type
+    except RuntimeError:  # not a device torch knows
+        device_type = None
+    for wrong, why in (
+        (device_type not in ("cpu", "cuda", "mps"), f"argument --device: unknown device {args.device!r}: use auto, cpu, cuda, cuda:N or mps"),
+        (args.predict and args.resume, "--predict trains nothing: drop --resume"),
+        (args.predict and args.epochs, "--predict trains nothing: drop --epochs"),
+        (args.predict and args.cuda_graph, "--predict trains nothing: drop --cuda-graph"),
+        (args.predict and "RANK" in os.environ, "--predict reads a few images in one process: run it with python, not torchrun"),
+        (args.resume and args.load, "--resume and --load exclude each other: --resume already restores the weights"),
+        (args.epochs == 0 and not args.load and not args.predict, "--epochs 0 trains nothing: use it with --load PATH to evaluate saved weights"),
+    ):  # fmt: skip
+        if wrong:
+            parser.error(why)
     return args
 
 
-def pick_device(name="auto", world=None):
+def pick_device(name="auto", local_rank=0):
     """The torch.device for `name`: auto (the accelerator torch finds, else cpu), cpu, cuda, cuda:N or mps.
 
-    Under torchrun, auto and cuda mean this process's own GPU, cuda:LOCAL_RANK.
+    Never a silent fallback to the CPU: a user who asked for a GPU wants to know. Under torchrun,
+    auto and cuda mean this process's own GPU, cuda:LOCAL_RANK.
     """
     device = torch.device(name) if name != "auto" else torch.accelerator.current_accelerator(True) or torch.device("cpu")
-    # Never fall back to the CPU silently: a user who asked for a GPU wants to know.
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if device.type == "cuda" and count == 0:
-        raise UserError(f"--device {name}: CUDA is not available here (torch {torch.__version__}); use --device cpu")
+    count, several = torch.cuda.device_count() if torch.cuda.is_available() else 0, dist.is_initialized()
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"--device {name}: MPS (Apple GPU) is not available here; use --device cpu")
-    if world is None or not dist.is_initialized():
-        if (device.index or 0) >= max(count, 1):
-            raise UserError(f"--device {name}: only {count} CUDA device(s) visible (cuda:0 to cuda:{count - 1})")
-        return device
-    if device.type == "mps":
-        raise UserError(f"--device {name}: torch.distributed has no backend for MPS (Apple GPUs): "
-                        "run without torchrun, or add --device cpu")  # fmt: skip
-    if device.index is not None:
-        raise UserError(f"--device {name}: under torchrun each process takes its own GPU: use --device cuda")
-    if device.type == "cuda":
-        if world.local_rank >= count:
-            raise UserError(f"--device {name}: process {world.local_rank} of this machine needs cuda:{world.local_rank}, "
-                            f"but only {count} CUDA device(s) are visible: start at most {count} (--nproc_per_node)")  # fmt: skip
-        device = torch.device("cuda", world.local_rank)
+    if several and (device.type == "mps" or device.index is not None):
+        raise UserError(f"--device {name}: under torchrun each process takes its own GPU, cuda:LOCAL_RANK (and "
+                        "torch.distributed has no backend for MPS): use --device cuda, or cpu")  # fmt: skip
+    if device.type == "cuda" and count == 0:
+        raise UserError(f"--device {name}: CUDA is not available here (torch {torch.__version__}); use --device cpu")
+    if device.type == "cuda" and several:
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)  # where NCCL and DDP work for this process
+    if device.type == "cuda" and (device.index or 0) >= count:
+        raise UserError(f"--device {name}: cuda:{device.index} is needed, but only {count} CUDA device(s) are visible"
+                        + " (start at most that many processes: --nproc_per_node)" * several)  # fmt: skip
     return device
 
 
@@ -892,114 +827,88 @@ class UserError(Exception):
     """A problem the user can fix (bad file, missing data, ...); one_line_errors prints it as one line."""
 
 
-class Terminated(KeyboardInterrupt):
-    """Raised on SIGTERM; a KeyboardInterrupt, so every Ctrl-C path handles it the same way."""
-
-
 @dataclasses.dataclass
 class Run:
-    """How far a run got: what the line that ends it early needs, to say what is safe and how to go on."""
+    """This run: its flags, this process's place among those torchrun started (rank 0 of 1 without
+    torchrun), and how far it got: what the line that ends it early says."""
 
     args: argparse.Namespace
-    world: "World"
+    rank: int = 0  # 0 to world_size - 1, over all machines
+    world_size: int = 1
+    local_rank: int = 0  # its index on this machine: also its GPU
+    launcher: str = "python"  # what starts the same job again, before the script's name
+    master_process: bool = True  # nanoGPT's name for rank 0: the process that prints and writes files
     training: bool = False  # the epochs have begun
     epochs: int = 0  # the run's total
     epochs_done: int = 0  # the epoch --checkpoint holds for this run
+    stopped_by: str = "interrupted"  # Ctrl-C; or "terminated by SIGTERM"
 
 
 @contextlib.contextmanager
-def one_line_errors(args, world):
-    """Yield a Run for main to fill in; whatever ends the run early ends it with one line on stderr.
+def one_line_errors(run):
+    """Within the block, whatever ends the run early ends it with one line on stderr.
 
     A problem the user can fix (UserError) exits with 1, Ctrl-C with 130 and SIGTERM with 143: SIGTERM
     is how Slurm, docker stop, Kubernetes and torchrun stop a process, and Python's default dies on
     the spot, saying nothing of what was saved or how to go on.
     """
-    run = Run(args, world)
 
     def stop(signum, frame):
         # One is enough: later ones (under torchrun, Ctrl-C comes from the terminal and again
         # from torchrun) are ignored, so they cannot break into the message about the first.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+        run.stopped_by = "terminated by SIGTERM" if signum == signal.SIGTERM else "interrupted"
+        raise KeyboardInterrupt
 
     previous = {number: signal.signal(number, stop) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield run
-    except KeyboardInterrupt as stopped:  # Ctrl-C, or SIGTERM raised as Terminated
-        # After Ctrl-C the terminal shows ^C mid-line: start ours on a fresh line.
-        how, status = ("terminated by SIGTERM", 143) if isinstance(stopped, Terminated) else ("\ninterrupted", 130)
-        if not run.training:
-            ending = " before training began: no file was changed"
-        else:
-            ending = f": {resume_hint(run)}" if run.epochs_done else " before the first epoch ended: nothing saved"
-        end_with(world, how + ending, status)
+        yield
+        return
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM
+        how, status = run.stopped_by, 143 if run.stopped_by.endswith("SIGTERM") else 130
+        line = f"{how}: {resume_hint(run, 'continue with')}" if run.epochs_done else f"{how} before the first epoch ended: nothing saved"
+        line = line if run.training else f"{how} before training began: no file was changed"
+        line = "\n" * (status == 130) + line  # after Ctrl-C the terminal shows ^C mid-line: start on a fresh one
     except UserError as error:
-        if isinstance(error, WriteError) and error.path == args.save:
-            older = f" (the {args.save} already there is unchanged)" if os.path.exists(args.save) else ""
-            end_with(world, f"error: {error}{older}; {how_to_save_the_model(run)}", 1)
-        if isinstance(error, WriteError):
-            end_with(world, f"error: {error}; {resume_hint(run, 'once that is fixed, continue with')}", 1)
-        end_with(world, f"error: {error}", 1)
-    except RuntimeError as error:  # under torchrun: a collective found another process gone
-        if not dist.is_initialized() or not lost_another_process(error):
+        line, status = f"error: {error}", 1
+    except RuntimeError as error:
+        # Under torchrun, a collective found another process gone: NCCL raises a DistError, gloo
+        # a RuntimeError from its TCP transport ("Connection closed by peer" or "reset by peer").
+        if not (dist.is_initialized() and (isinstance(error, dist.DistError) or "by peer" in str(error))):
             raise
-        end_with(world, f"error: another process of this job stopped (torchrun's summary names it); {resume_hint(run)}", 1)
+        line, status = f"error: another process of this job stopped (torchrun's summary names it); {resume_hint(run, 'continue with')}", 1
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
-
-
-def end_with(world, line, status):
-    """Print `line` on stderr (one process speaks for all), and exit with `status`."""
-    if world.master_process:
+    if run.master_process:  # one process speaks for all
         print(line, file=sys.stderr)
     raise SystemExit(status)
 
 
-def resume_hint(run, go_on="continue with"):
-    """What --checkpoint holds of this run and, unless go_on is None, the command that goes on from it."""
-    path = run.args.checkpoint
+def resume_hint(run, go_on=None, failed=None):
+    """What --checkpoint holds of this run and, given `go_on`, the command that goes on from it, ready to
+    paste. If the final save of the model `failed`, how to save it from the checkpoint instead."""
+    args = run.args
+    script = sys.argv[0] if os.path.basename(sys.argv[0]) == os.path.basename(__file__) else os.path.basename(__file__)
+    flags = ["--resume"] + [arg for name, default in FLAG_DEFAULTS.items() if getattr(args, name) != default
+                            for arg in ("--" + name.replace("_", "-"), str(getattr(args, name)))]  # fmt: skip
+    flags += (["--epochs", str(args.epochs)] if args.epochs is not None else []) + ["--cuda-graph"] * args.cuda_graph
+    resume = f"{run.launcher} {shlex.join([script, *flags])}"
     if not run.epochs_done:
         return "nothing was saved"
-    if not os.path.exists(path):
-        return f"{path} is gone as well: nothing of this run is left"
-    held = f"{path} holds epoch {run.epochs_done} of {run.epochs}"
-    return held if go_on is None else f"{held}; {go_on}: {resume_command(run)}"
-
-
-def how_to_save_the_model(run):
-    """After the final save failed: how to get the model out of the finished run's checkpoint."""
-    path = run.args.checkpoint
-    if not os.path.exists(path):
-        return resume_hint(run, None)
-    evaluate_it = command("python", ["--epochs", "0", "--load", path])
-    return (f"{path} holds the finished run: once that is fixed, save {run.args.save} from it with: "
-            f"{resume_command(run)} (or evaluate it as it is: {evaluate_it})")  # fmt: skip
-
-
-def resume_command(run):
-    """The command that resumes this run: --resume, and the flags the checkpoint does not hold."""
-    args, parser, flags = run.args, make_parser(), ["--resume"]
-    for name in ("checkpoint", "data_dir", "save", "device"):
-        if getattr(args, name) != parser.get_default(name):
-            flags += ["--" + name.replace("_", "-"), str(getattr(args, name))]
-    flags += (["--epochs", str(args.epochs)] if args.epochs is not None else []) + ["--cuda-graph"] * args.cuda_graph
-    return command(run.world.launcher, flags)
-
-
-def command(launcher, flags):
-    """A command line a user can paste: `launcher`, this script as they named it, `flags` quoted."""
-    script = sys.argv[0] if os.path.basename(sys.argv[0]) == os.path.basename(__file__) else os.path.basename(__file__)
-    return f"{launcher} {shlex.join([script, *flags])}"
+    if not os.path.exists(args.checkpoint):
+        return f"{args.checkpoint} is gone as well: nothing of this run is left"
+    if failed:
+        return (f"{args.checkpoint} holds the finished run: once that is fixed, save {args.save} from it with: {resume} "
+                f"(or evaluate it as it is: python {shlex.join([script, '--epochs', '0', '--load', args.checkpoint])})")  # fmt: skip
+    held = f"{args.checkpoint} holds epoch {run.epochs_done} of {run.epochs}"
+    return f"{held}; {go_on}: {resume}" if go_on else held
 
 
 # ---------------------------------------------------------------------------
 # Checkpoints: everything needed to resume a run exactly
 # ---------------------------------------------------------------------------
-
-SETTINGS = {"epochs", "batch_size", "optimizer", "seed", "lr"}
 
 
 def save_checkpoint(path, model, optimizer, scheduler, generator, epoch, settings):
@@ -1007,32 +916,20 @@ def save_checkpoint(path, model, optimizer, scheduler, generator, epoch, setting
 
     Only tensors, numbers, strings, lists and dicts, so torch.load(weights_only=True) reads it.
     """
-    checkpoint = {
-        "model": {name: t.detach().cpu() for name, t in model.state_dict().items()},
-        "optimizer": optimizer.state_dict(),  # Adam's moments or SGD's momentum
-        "scheduler": scheduler.state_dict(),  # how many steps the schedule has taken
-        "epoch": epoch,
-        # The global RNG drew the initial weights; the generator draws each epoch's order.
-        "rng": {"torch": torch.get_rng_state(), "shuffle": generator.get_state()},
-        "settings": dict(settings),
-    }
-    with writing(path):
-        atomic_save(checkpoint, path)
+    # The optimizer's state holds Adam's moments or SGD's momentum; the scheduler's, its step count.
+    # The global RNG drew the initial weights; the generator draws each epoch's order.
+    atomic_save({"model": {name: t.detach().cpu() for name, t in model.state_dict().items()}, "epoch": epoch,
+                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "settings": dict(settings),
+                 "rng": {"torch": torch.get_rng_state(), "shuffle": generator.get_state()}}, path)  # fmt: skip
 
 
 def read_checkpoint(path, device):
     """Read a checkpoint written by save_checkpoint, checking that it is one."""
-    try:
+    with reading(path, "a checkpoint"):
         checkpoint = torch.load(path, map_location=device, weights_only=True)
-    except Exception as error:
-        raise unreadable(error, path, "a checkpoint") from None
-    if not (
-        isinstance(checkpoint, dict)
-        and {"model", "optimizer", "scheduler", "epoch", "rng", "settings"} <= checkpoint.keys()
-        and isinstance(checkpoint["epoch"], int)
-        and isinstance(checkpoint["settings"], dict)
-        and SETTINGS <= checkpoint["settings"].keys()
-    ):
+    parts = {"model", "optimizer", "scheduler", "epoch", "rng", "settings"}
+    if not (isinstance(checkpoint, dict) and parts <= checkpoint.keys() and isinstance(checkpoint["epoch"], int)
+            and isinstance(checkpoint["settings"], dict) and DEFAULTS.keys() <= checkpoint["settings"].keys()):  # fmt: skip
         raise UserError(f"{path} is not a checkpoint of this script (weights only? start from them with --load)")
     return checkpoint
 
@@ -1043,8 +940,9 @@ def load_checkpoint(checkpoint, path, model, optimizer, scheduler, generator):
     Invariant (tested): on the CPU, resuming after any epoch ends bit-identical to a run
     that was never interrupted.
     """
-    try:
+    with reading(path, "a checkpoint"):  # the weights: each tensor that does not fit, named
         model.load_state_dict(checkpoint["model"])
+    try:
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         # The schedule is rebuilt for this run's --epochs: set the learning rate for the step we are at
@@ -1052,13 +950,11 @@ def load_checkpoint(checkpoint, path, model, optimizer, scheduler, generator):
         # off: a --cuda-graph run saved a tensor and capturable on.
         factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
         for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
-            group["lr"] = float(base_lr) * factor
-            if "capturable" in group:
-                group["capturable"] = False
+            group["lr"], group["capturable"] = float(base_lr) * factor, False
         torch.set_rng_state(checkpoint["rng"]["torch"].cpu())
         generator.set_state(checkpoint["rng"]["shuffle"].cpu())
     except Exception as error:
-        raise UserError(f"{path} does not fit this model and optimizer: {' '.join(str(error).split())}") from None
+        raise UserError(f"{path}: the optimizer or random state does not fit ({' '.join(str(error).split())})") from None
     return checkpoint["epoch"]
 
 
@@ -1066,16 +962,13 @@ def refuse_to_overwrite(path):
     """Raise UserError if `path` exists and holds an unfinished run, or a file that is not our checkpoint."""
     if not os.path.exists(path):
         return
-    # Never overwrite the only copy of an unfinished run, nor a file that isn't ours.
-    try:
+    try:  # never overwrite the only copy of an unfinished run, nor a file that isn't ours
         old = read_checkpoint(path, "cpu")
     except UserError as error:
         raise UserError(f"{error}; not overwriting it: move it away or pick another --checkpoint") from None
     if old["epoch"] < old["settings"]["epochs"]:
-        raise UserError(
-            f"{path} holds an unfinished run (epoch {old['epoch']} of {old['settings']['epochs']}): "
-            "add --resume to continue it, or move it away to start over"
-        )
+        raise UserError(f"{path} holds an unfinished run (epoch {old['epoch']} of {old['settings']['epochs']}): "
+                        "add --resume to continue it, or move it away to start over")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------
@@ -1085,34 +978,20 @@ def refuse_to_overwrite(path):
 # arithmetic; a captured graph launches them all at once. Same math as train_epoch.
 
 
-def check_cuda_graph(device, optimizer_name):
-    """Raise UserError unless the CUDA-graph step can run: one process, a CUDA device, Adam."""
-    if dist.is_initialized():
-        raise UserError("--cuda-graph runs in one process: its CUDA graph replays a step that DDP would have to "
-                        "all-reduce inside; run it without torchrun, or drop --cuda-graph")  # fmt: skip
-    if device.type != "cuda":
-        raise UserError("--cuda-graph replays the training step as a CUDA graph, and CUDA graphs exist only on "
-                        f"CUDA devices: use --device cuda, or drop --cuda-graph on {device}")  # fmt: skip
-    if optimizer_name != "adam":
-        raise UserError("--cuda-graph needs --optimizer adam: SGD cannot read its learning rate inside a graph")
-
-
-def make_graphed_train_epoch(model, loss_fn, optimizer, scheduler, x, y, batch_size, warmup_steps=3):
+def make_graphed_train_epoch(model, loss_fn, optimizer, scheduler, x, y, batch_size):
     """Return train(generator) -> mean loss: train_epoch over iterate_batches(x, y, batch_size, generator),
     with each full batch replayed from one captured CUDA graph (CUDA and Adam only).
 
     Invariants (tested on a GPU): same weights as train_epoch, to a tolerance; stale .grad
     contents do not change a replayed step.
     """
-    # A graph replays fixed memory addresses, so the batch, its indices and the running
-    # loss live in tensors made once; the learning rate becomes a tensor the schedule
-    # updates in place (capturable=True lets Adam read it, and its step count, on the GPU).
+    # A graph replays fixed memory addresses, so the batch, its indices and the running loss live in
+    # tensors made once; the learning rate becomes a tensor the schedule updates in place
+    # (capturable=True lets Adam read it, and its step count, on the GPU).
     for group in optimizer.param_groups:
-        group["capturable"] = True
-        group["lr"] = torch.tensor(float(group["lr"]), device=x.device)
+        group["capturable"], group["lr"] = True, torch.tensor(float(group["lr"]), device=x.device)
     index = torch.zeros(batch_size, dtype=torch.long, device=x.device)
-    x_batch, y_batch = x[:batch_size].clone(), y[:batch_size].clone()
-    loss_sum = torch.zeros((), device=x.device)
+    x_batch, y_batch, loss_sum = x[:batch_size].clone(), y[:batch_size].clone(), torch.zeros((), device=x.device)
 
     def step():
         torch.index_select(x, 0, index, out=x_batch)
@@ -1121,7 +1000,7 @@ def make_graphed_train_epoch(model, loss_fn, optimizer, scheduler, x, y, batch_s
         # gradients instead of adding to old ones: the gradient reset is in the graph.
         loss_sum.add_(train_step(model, x_batch, y_batch, loss_fn, optimizer).detach() * batch_size)
 
-    run_step = make_graph_replayer(step, warmup_steps)
+    run_step = make_graph_replayer(step)
 
     def train(generator):
         model.train()
@@ -1146,30 +1025,27 @@ def make_graphed_train_epoch(model, loss_fn, optimizer, scheduler, x, y, batch_s
     return train
 
 
-def make_graph_replayer(step, warmup_steps):
-    """Return run(): the first `warmup_steps` calls run `step` eagerly, the next captures it
-    as a CUDA graph and replays it, and every later call only replays."""
-    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
-    calls = 0
+def make_graph_replayer(step, warmup_steps=3):
+    """Return run(): the first `warmup_steps` calls run `step` eagerly, the next captures it as a
+    CUDA graph and replays it, and every later call only replays."""
+    graph, stream, calls = torch.cuda.CUDAGraph(), torch.cuda.Stream(), [0]
 
     def run():
-        nonlocal calls
-        if calls > warmup_steps:
-            graph.replay()
-            return
-        # A few real steps run eagerly first (on the capture stream, as PyTorch's CUDA-graph
-        # notes advise) so that lazy state such as Adam's moments exists; then one capture.
-        # Capturing records kernels without running them: replay.
+        calls[0] += 1
+        if calls[0] > warmup_steps + 1:
+            return graph.replay()
+        # A few real steps run eagerly first (on a side stream, as PyTorch's CUDA-graph notes advise)
+        # so that lazy state such as Adam's moments exists; then one capture, which records kernels
+        # without running them: replay it.
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            if calls < warmup_steps:
+            if calls[0] <= warmup_steps:
                 step()
             else:
                 with torch.cuda.graph(graph, stream=stream):
                     step()
                 graph.replay()
         torch.cuda.current_stream().wait_stream(stream)
-        calls += 1
 
     return run
 
@@ -1177,36 +1053,31 @@ def make_graph_replayer(step, warmup_steps):
 # ---------------------------------------------------------------------------
 # Files: what reading and writing them raises, in one line
 # ---------------------------------------------------------------------------
-# The lesson's save and load raise what torch and the OS raise. Here those errors become
-# one line that names the file and says what is wrong with it, in words a user can act on.
-
-
-class WriteError(UserError):
-    """A file could not be written; whatever was at its path before is unchanged."""
-
-    def __init__(self, path, reason):
-        super().__init__(f"could not write {path}: {reason}")
-        self.path = path
+# The lesson's save and load raise what torch and the OS raise. Here those errors become one
+# line that names the file and says what is wrong with it, in words a user can act on.
 
 
 @contextlib.contextmanager
-def writing(path):
-    """Within the block, a failed write of `path` (a full disk, a vanished or read-only folder) raises WriteError."""
+def writing(run, path):
+    """Within the block, a failed write of `path` (a full disk, a vanished or read-only folder) is a
+    UserError: the reason, what is safe, and how to go on once it is fixed."""
     try:
         yield
     except (OSError, RuntimeError) as error:
         # torch.save reports a failed write as a RuntimeError ("unexpected pos ...") raised while
         # handling the OSError: the reason is found by walking back along the chain.
-        cause = error
-        while cause is not None and not isinstance(cause, OSError):
-            cause = cause.__cause__ or cause.__context__
-        if cause is None:
+        while error is not None and not isinstance(error, OSError):
+            error = error.__cause__ or error.__context__
+        if error is None:
             raise
-        folder = os.path.dirname(os.path.abspath(path))
-        reasons = {errno.ENOSPC: "no space left on the device", errno.ENOENT: f"the folder {folder} no longer exists",
-                   errno.EROFS: "the filesystem is read-only", errno.EACCES: "permission denied",
-                   errno.EPERM: "permission denied"}  # fmt: skip
-        raise WriteError(path, reasons.get(cause.errno, cause.strerror or str(cause))) from None
+        reasons = {errno.ENOSPC: "no space left on the device", errno.EROFS: "the filesystem is read-only",
+                   errno.ENOENT: f"the folder {os.path.dirname(os.path.abspath(path))} no longer exists",
+                   errno.EACCES: "permission denied", errno.EPERM: "permission denied"}  # fmt: skip
+        line = f"could not write {path}: {reasons.get(error.errno, error.strerror or str(error))}"
+        if path == run.args.save:  # the last write: the checkpoint holds the finished run
+            line += f" (the {path} already there is unchanged)" * os.path.exists(path)
+            raise UserError(f"{line}; {resume_hint(run, failed=path)}") from None
+        raise UserError(f"{line}; {resume_hint(run, 'once that is fixed, continue with')}") from None
 
 
 def check_writable(path, flag):
@@ -1216,37 +1087,30 @@ def check_writable(path, flag):
         raise UserError(f"{flag} {path} is a folder: give a file name")
     if not os.path.isdir(folder):
         raise UserError(f"{flag} {path}: folder {folder} does not exist")
-    try:  # a file in the same folder, as atomic_save will make; gone when closed
-        tempfile.TemporaryFile(dir=folder).close()
+    try:
+        tempfile.TemporaryFile(dir=folder).close()  # a file beside it, as atomic_save will make
     except OSError as error:
         raise UserError(f"{flag} {path} cannot be written: {error.strerror}") from None
 
 
-def load_weights(model, path):
-    """The lesson's load, each way the file can be wrong said in one line (a UserError); return `model`."""
+@contextlib.contextmanager
+def reading(path, what="a saved model"):
+    """Within the block, what torch.load or load_state_dict raise on `path` is a UserError: one line naming it."""
     try:
-        return load(model, path)
+        yield
     except Exception as error:
-        raise unreadable(error, path) from None
-
-
-def unreadable(error, path, what="a saved model"):
-    """The UserError, one line naming `path`, for what torch.load or load_state_dict raised on it."""
-    text = " ".join(str(error).split())
-    if isinstance(error, FileNotFoundError):
-        return UserError(f"{path}: no such file")
-    if isinstance(error, IsADirectoryError):
-        return UserError(f"{path} is a folder, not {what}")
-    if isinstance(error, PermissionError):
-        return UserError(f"{path}: permission denied")
-    if isinstance(error, pickle.UnpicklingError) and "GLOBAL" in text:
-        return UserError(f"{path} holds pickled Python objects, which could run code: refused "
-                         "(only tensors and plain data load here)")  # fmt: skip
-    if text.startswith("Error(s) in loading state_dict"):  # load_state_dict names each misfit
-        return UserError(f"{path} was saved from another model: {text.split(':', 1)[1].strip()}")
-    if "dict-like" in text:
-        return UserError(f"{path} does not hold a state_dict")
-    return UserError(f"{path} is not a PyTorch file, or it is damaged")
+        text = " ".join(str(error).split())
+        reasons = (  # the first that holds
+            (isinstance(error, FileNotFoundError), ": no such file"),
+            (isinstance(error, IsADirectoryError), f" is a folder, not {what}"),
+            (isinstance(error, PermissionError), ": permission denied"),
+            # weights_only=True refused to unpickle code; load_state_dict names each tensor that does not fit.
+            ("Unsupported global" in text, " holds pickled Python objects, which could run code: refused (only tensors and plain data load here)"),
+            (text.startswith("Error(s) in loading state_dict"), f" was saved from another model: {text.partition(': ')[2]}"),
+            ("dict-like" in text, " does not hold a state_dict"),
+            (True, " is not a PyTorch file, or it is damaged"),
+        )  # fmt: skip
+        raise UserError(f"{path}{next(why for found, why in reasons if found)}") from None
 
 
 # ---------------------------------------------------------------------------
@@ -1258,99 +1122,68 @@ def unreadable(error, path, what="a saved model"):
 # torchrun the same code runs as rank 0 of a world of 1, with no process group.
 
 
-@dataclasses.dataclass
-class World:
-    """This process's place among the processes torchrun started; without torchrun, rank 0 of 1."""
-
-    rank: int = 0  # 0 to world_size - 1, over all machines
-    world_size: int = 1
-    local_rank: int = 0  # its index on this machine: also its GPU
-    launcher: str = "python"  # what starts the same job again, before the script's name
-
-    @property
-    def master_process(self):
-        """nanoGPT's name for rank 0: the process that prints and writes files."""
-        return self.rank == 0
-
-
 @contextlib.contextmanager
-def torchrun_world():
-    """Yield this process's World; under torchrun (it sets RANK, WORLD_SIZE and LOCAL_RANK), with the process group up."""
+def torchrun_processes(args):
+    """Yield this process's Run; under torchrun (it sets RANK, WORLD_SIZE and LOCAL_RANK), with the process group up."""
     if not all(name in os.environ for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
-        yield World()
+        yield Run(args)
         return
-    nodes, per_node = os.environ.get("GROUP_WORLD_SIZE", "1"), os.environ.get("LOCAL_WORLD_SIZE", "1")
+    rank, nodes, per_node = int(os.environ["RANK"]), os.environ.get("GROUP_WORLD_SIZE", "1"), os.environ["LOCAL_WORLD_SIZE"]
     launcher = f"torchrun --standalone --nproc_per_node={per_node}" if nodes == "1" else "torchrun [your torchrun options]"
-    world = World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]), launcher)
+    run = Run(args, rank, int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]), launcher, rank == 0)
     try:
         # NCCL moves CUDA tensors between GPUs; gloo moves CPU tensors, and needs no GPU at all.
         dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     except (ValueError, RuntimeError) as error:  # launched by hand with RANK set, say
-        print(f"error: process {world.rank} could not join the others ({error}): start it with torchrun", file=sys.stderr)
+        print(f"error: process {rank} could not join the others ({error}): start it with torchrun", file=sys.stderr)
         raise SystemExit(1) from None
     try:  # one voice: the others' prints go nowhere (print() skips a missing sys.stdout)
-        with contextlib.nullcontext() if world.master_process else contextlib.redirect_stdout(None):
-            yield world
+        with contextlib.redirect_stdout(sys.stdout if run.master_process else None):
+            yield run
+        dist.barrier()  # leave together: a process that tears its connections down early can abort the others
     finally:
         dist.destroy_process_group()
 
 
 @contextlib.contextmanager
-def all_start_or_none(world):
+def all_start_or_none(run):
     """Under torchrun, if preparing fails on any process all stop, and only the first that failed says why.
 
     Otherwise a process that fails alone (its data, its GPU) leaves the others waiting for it in
     their first collective, and a failure common to all would print once per process.
     """
-    if not dist.is_initialized():
-        yield
-        return
     failure = None
     try:
         yield
     except UserError as error:
+        if not dist.is_initialized():
+            raise
         failure = error
-    first_failed = torch.tensor([world.rank if failure else world.world_size])
-    dist.all_reduce(first_failed, op=dist.ReduceOp.MIN)
-    if first_failed.item() == world.rank:
-        print(f"error: {failure}", file=sys.stderr)
-    if first_failed.item() < world.world_size:
-        raise SystemExit(1)
+    if dist.is_initialized():
+        first_failed = torch.tensor([run.rank if failure else run.world_size])
+        dist.all_reduce(first_failed, op=dist.ReduceOp.MIN)
+        if first_failed.item() == run.rank:
+            print(f"error: {failure}", file=sys.stderr)
+        if first_failed.item() < run.world_size:
+            raise SystemExit(1)
 
 
-def share_loss(loss_fn, world_size):
+def share_loss(loss_fn):
     """loss_fn for one process's part of each batch under DDP: the part's mean loss, its gradient
-    weighted by the part's share of the whole batch.
+    weighted by n * world_size / b for a part of n of the batch's b samples.
 
-    DDP averages the processes' gradients: a part of n of the batch's b samples, weighted by
-    n * world_size / b, makes that average the whole batch's mean gradient, also when b does not
-    split evenly (an odd size, the last batch, a batch smaller than world_size).
+    DDP averages the processes' gradients; so weighted, that average is the whole batch's mean
+    gradient, also when b does not split evenly (an odd size, the last batch, b < world_size).
     """
 
     def loss_of_part(logits, y):
         batch = torch.tensor([len(y)])
         dist.all_reduce(batch)  # b, the whole batch: every process's part, summed
-        # The gradient is weighted, not the value: train_epoch's sums stay per sample.
-        logits.register_hook(lambda grad: grad * (len(y) * world_size / batch.item()))
+        # Weight the gradient, not the value: train_epoch's sums stay per sample.
+        logits.register_hook(lambda grad: grad * (len(y) * dist.get_world_size() / batch.item()))
         return loss_fn(logits, y) if len(y) else logits.sum()  # an empty part: no loss, zero gradients
 
     return loss_of_part
-
-
-def mean_over_ranks(value):
-    """`value` averaged over the processes, the same number on each; itself without torchrun."""
-    if not dist.is_initialized():
-        return value
-    total = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(total)
-    return total.item() / dist.get_world_size()
-
-
-def lost_another_process(error):
-    """Whether a collective raised `error` because another process of the job is gone."""
-    # NCCL raises a DistError; gloo a plain RuntimeError from its TCP transport:
-    # "Connection closed by peer" or "Connection reset by peer".
-    return isinstance(error, dist.DistError) or "by peer" in str(error)
 
 
 if __name__ == "__main__":
