@@ -4,6 +4,7 @@ Run: pytest -q test_mnist_train.py. CUDA cases skip without a GPU. A real-MNIST 
 test runs when MNIST_DATA_DIR points at a folder holding MNIST/raw/ (CI sets it).
 """
 
+import ast
 import builtins
 import copy
 import errno
@@ -1250,6 +1251,92 @@ def test_under_torchrun_mps_and_the_cuda_graph_are_refused_with_a_reason(monkeyp
     run = mt.Run(mt.parse_args(["--cuda-graph"]), rank=0, world_size=2, local_rank=0, launcher="torchrun")
     with pytest.raises(mt.UserError, match="--cuda-graph runs in one process"):
         mt.resolve_settings(run, torch.device("cuda"))
+
+
+# ---------------------------------------------------------------------------
+# The lesson is copyable: cut out as a reader would, it runs with nothing of the machinery
+# ---------------------------------------------------------------------------
+
+LESSON_CUTS = {
+    # Cut at the header of step 7: the imports, the constants and steps 1-6.
+    "# Step 7: use the model": """
+model, loss_fn = lesson.build_model(), lesson.make_loss()
+optimizer = lesson.make_optimizer(model)
+scheduler = lesson.make_scheduler(optimizer, total_steps=4)
+x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
+batches = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 64, 16)]
+assert lesson.train_epoch(model, batches, loss_fn, optimizer, scheduler) > 0
+loss, accuracy = lesson.evaluate(model, batches, loss_fn)
+lesson.save(model, "model.pth")
+loaded = lesson.load(lesson.build_model(), "model.pth")
+assert lesson.evaluate(loaded, batches, loss_fn) == (loss, accuracy)
+""",
+    # Cut where the lesson ends: step 7 too, with its helpers.
+    "# The lesson ends here": """
+picture = torch.full((1, 120, 90), 255, dtype=torch.uint8)
+picture[0, 20:100, 40:52] = 0  # a dark "1" on white paper
+x = lesson.prepare_digit(picture)
+assert x.shape == (1, 28, 28)
+model = lesson.build_model()
+assert lesson.predict(model, x[None]).sum().item() == pytest.approx(1)
+assert lesson.confusion_matrix(model, [(x[None], torch.tensor([1]))]).sum() == 1
+""",
+}
+
+
+def copied(names):
+    """The imports, then the top-level statements of mnist_train.py that define `names`, in file order."""
+    text = open(os.path.join(HERE, "mnist_train.py")).read()
+    tree = ast.parse(text)
+
+    def defines(node):
+        targets = [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
+        return getattr(node, "name", None) in names or any(t in names for t in targets)
+
+    kept = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom)) or defines(node)]
+    return "\n\n".join(ast.get_source_segment(text, node) for node in kept) + "\n"
+
+
+# What the README's "Copying" section says to copy with each function, and a use of it.
+FUNCTION_COPIES = {
+    ("Net", "build_model", "save", "atomic_save", "load"): """
+model = lesson.build_model()
+lesson.save(model, "model.pth")
+loaded = lesson.load(lesson.build_model(), "model.pth")
+assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+""",
+    ("Net", "build_model", "make_loss", "DEFAULT_LR", "make_optimizer", "train_step", "train_epoch", "evaluate"): """
+model, loss_fn = lesson.build_model(), lesson.make_loss()
+batches = [(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,)))]
+lesson.train_epoch(model, batches, loss_fn, lesson.make_optimizer(model))
+assert 0 <= lesson.evaluate(model, batches, loss_fn)[1] <= 1
+""",
+    ("MNIST_MEAN", "MNIST_STD", "MIN_INK", "MAX_SIDE", "PIECES_SIDE", "prepare_digit", "gray_on_white",
+     "paper_is_light", "paper_level", "digit_pieces"): """
+picture = torch.full((3, 100, 100), 200, dtype=torch.uint8)
+picture[:, 30:70, 45:55] = 20  # a dark "1" on gray paper, in RGB
+assert lesson.prepare_digit(picture).shape == (1, 28, 28)
+""",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("names", FUNCTION_COPIES, ids=lambda names: names[-1])
+def test_a_function_copied_with_what_the_readme_names_runs(names, tmp_path):
+    (tmp_path / "lesson.py").write_text(copied(names))
+    script = "import torch, lesson\ntorch.manual_seed(0)\n" + FUNCTION_COPIES[names]
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("cut", LESSON_CUTS)
+def test_the_lesson_cut_out_of_the_file_runs_on_its_own(cut, tmp_path):
+    text = open(os.path.join(HERE, "mnist_train.py")).read()
+    (tmp_path / "lesson.py").write_text(text[: text.index(cut)])
+    assert "def main" not in (tmp_path / "lesson.py").read_text()
+    # A fresh interpreter in another folder: nothing of the machinery can be found there.
+    script = "import pytest, torch, lesson\ntorch.manual_seed(0)\n" + LESSON_CUTS[cut]
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 # ---------------------------------------------------------------------------
