@@ -506,26 +506,35 @@ def resolve_settings(run, device):
     settings = {key: saved[key] if getattr(args, key) is None else getattr(args, key) for key in DEFAULTS}
     settings["lr"] = settings["lr"] or DEFAULT_LR[settings["optimizer"]]
     if checkpoint and checkpoint["epoch"] > settings["epochs"]:
-        raise UserError(f"{args.checkpoint} has already trained {checkpoint['epoch']} epochs: ask for more with --epochs")
+        raise UserError(f"{args.checkpoint} has already trained {checkpoint['epoch']} epochs: ask for more, --epochs")
     for refused, why in (  # the CUDA-graph step needs one process, a CUDA device and Adam
-        (dist.is_initialized(), "runs in one process: DDP would have to all-reduce inside its graph; run it without torchrun"),
-        (device.type != "cuda", "replays each step as a CUDA graph, and CUDA graphs exist only on CUDA devices: use --device cuda"),
+        (dist.is_initialized(), "runs in one process: DDP would all-reduce inside its graph; run it without torchrun"),
+        (device.type != "cuda", "replays each step as a CUDA graph, and CUDA graphs exist only on CUDA devices: "
+                                "use --device cuda"),
         (settings["optimizer"] != "adam", "needs --optimizer adam: SGD cannot read its learning rate inside a graph"),
     ):
         if refused and args.cuda_graph and args.epochs != 0:
             raise UserError(f"--cuda-graph {why}, or drop --cuda-graph")
-    for path, flag in ((args.save, "--save"), (args.checkpoint, "--checkpoint")) * (args.epochs != 0 and run.master_process):
-        check_writable(path, flag)  # now rather than after an hour of training; one process writes
-    if args.epochs != 0 and not args.resume:
-        refuse_to_overwrite(args.checkpoint)
+    writes = run.master_process and args.epochs != 0  # one process writes the files, and only when training
+    for path, flag in ((args.save, "--save"), (args.checkpoint, "--checkpoint")) * writes:
+        check_writable(path, flag)  # now, not after an hour of training
+    if args.epochs != 0 and not args.resume and os.path.exists(args.checkpoint):
+        try:  # never overwrite the only copy of an unfinished run, nor a file that isn't ours
+            old = read_checkpoint(args.checkpoint, "cpu")
+        except UserError as error:
+            raise UserError(f"{error}; not overwriting it: move it away or pick another --checkpoint") from None
+        if old["epoch"] < old["settings"]["epochs"]:
+            raise UserError(f"{args.checkpoint} holds an unfinished run (epoch {old['epoch']} of "
+                            f"{old['settings']['epochs']}): add --resume to continue it, or move it away to start over")
     return settings, checkpoint
 
 
 def header(settings, device, world_size):
     """The run's first line: what trains, where, and how."""
     epochs = settings["epochs"]
-    return (f"mnist_train: torch {torch.__version__}, device {device}, seed {settings['seed']}, {settings['optimizer']} "
-            f"lr {settings['lr']:g}, batch {settings['batch_size']}, {epochs} epoch{'s' * (epochs != 1)}"
+    return (f"mnist_train: torch {torch.__version__}, device {device}, seed {settings['seed']}, "
+            f"{settings['optimizer']} lr {settings['lr']:g}, batch {settings['batch_size']}, "
+            f"{epochs} epoch{'s' * (epochs != 1)}"
             + f", {world_size} process{'es' * (world_size != 1)} under torchrun" * dist.is_initialized())  # fmt: skip
 
 
@@ -537,14 +546,16 @@ def make_epoch_trainer(args, settings, model, loss_fn, optimizer, scheduler, gen
         graphed_train_epoch = make_graphed_train_epoch(model, loss_fn, optimizer, scheduler, x, y, batch_size)
     if dist.is_initialized():
         # DDP wraps the very model (no copy) and averages the processes' gradients in backward().
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[x.device.index] if x.device.type == "cuda" else None)
+        gpu = [x.device.index] if x.device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=gpu)
         loss_fn, rank, world_size = share_loss(loss_fn), dist.get_rank(), dist.get_world_size()
 
     def train(label):
         start = time.perf_counter()
         if args.cuda_graph:
             return graphed_train_epoch(generator), time.perf_counter() - start
-        batches = show_progress(iterate_batches(x, y, batch_size, generator, rank, world_size), label, len(x) // batch_size)
+        batches = iterate_batches(x, y, batch_size, generator, rank, world_size)
+        batches = show_progress(batches, label, len(x) // batch_size)
         loss = torch.tensor([train_epoch(model, batches, loss_fn, optimizer, scheduler)], dtype=torch.float64)
         if dist.is_initialized():  # the mean over the processes: every one reports the same number
             dist.all_reduce(loss)
@@ -593,7 +604,8 @@ def class_report(confusion, whole_matrix=False):
     if whole_matrix:
         width = len(str(int(confusion.max()))) + 2
         lines += ["confusion matrix, rows the true digit, columns the predicted:"]
-        lines += [f"{t:>2}" + "".join(f"{c:>{width}}" for c in row) for t, row in [("", range(n)), *enumerate(confusion.tolist())]]
+        rows = [("", range(n)), *enumerate(confusion.tolist())]  # the header of the ten digits, then a row each
+        lines += [f"{t:>2}" + "".join(f"{c:>{width}}" for c in row) for t, row in rows]
     return lines
 
 
@@ -634,21 +646,23 @@ def load_mnist(data_dir, train, device):
         with open(path, "rb") as f:
             head = f.read(4 + 4 * ndim)
         dims = [int.from_bytes(head[i : i + 4], "big") for i in range(4, len(head) - 3, 4)]
-        if head[:4] != bytes([0, 0, 8, ndim]) or len(dims) != ndim or os.path.getsize(path) != len(head) + math.prod(dims):
+        size = len(head) + math.prod(dims)
+        if head[:4] != bytes([0, 0, 8, ndim]) or len(dims) != ndim or size != os.path.getsize(path):
             raise UserError(f"{path} is truncated or corrupt: delete it and fetch it again from {MNIST_MIRROR}")
     try:
         dataset = datasets.MNIST(data_dir, train=train, download=True)
     except (RuntimeError, OSError) as error:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[-1]
-        raise UserError(f"MNIST is not in {raw} and could not be downloaded ({reason}); offline, put the four files "
-                        f"{', '.join(MNIST_FILES)} there, gunzipped from {MNIST_MIRROR}<name>.gz") from None  # fmt: skip
+        raise UserError(f"MNIST is not in {raw} and could not be downloaded ({reason}); offline, put the four "
+                        f"files {', '.join(MNIST_FILES)} there, gunzipped from {MNIST_MIRROR}<name>.gz") from None
     if len(dataset.targets) != len(dataset.data):
         raise UserError(f"{labels} holds {len(dataset.targets)} labels for {len(dataset.data)} images in {images}")
     if dataset.targets.max() > 9:
         raise UserError(f"{labels} has labels above 9: corrupt")
     # Move the uint8 pixels first (4x less to copy), then scale on the device exactly as
     # ToTensor (/255) followed by Normalize(MNIST_MEAN, MNIST_STD) would.
-    return dataset.data.to(device).float().div(255).sub(MNIST_MEAN).div(MNIST_STD).unsqueeze(1), dataset.targets.to(device)
+    x = dataset.data.to(device).float().div(255).sub(MNIST_MEAN).div(MNIST_STD).unsqueeze(1)
+    return x, dataset.targets.to(device)
 
 
 def iterate_batches(x, y, batch_size, generator=None, rank=0, world_size=1):
@@ -660,9 +674,9 @@ def iterate_batches(x, y, batch_size, generator=None, rank=0, world_size=1):
     """
     # Step 4's DataLoader(shuffle=True), without the DataLoader: one permutation per epoch. The
     # seeded CPU generator makes the order the same on every device for a given seed.
-    n = len(x)
-    order = torch.arange(n, device=x.device) if generator is None else torch.randperm(n, generator=generator).to(x.device)
-    for start in range(0, n, batch_size):
+    order = torch.arange(len(x)) if generator is None else torch.randperm(len(x), generator=generator)
+    order = order.to(x.device)
+    for start in range(0, len(x), batch_size):
         index = order[start : start + batch_size].tensor_split(world_size)[rank]
         # Same rows as x[index]; index_select gathers them ~2.5x faster on the CPU (measured).
         yield x.index_select(0, index), y.index_select(0, index)
@@ -677,30 +691,16 @@ def read_image(path):
     """Read an image file with Pillow into uint8 [C, H, W]: gray+alpha or RGBA.
 
     Raises UserError saying why a file can't be used: missing, a folder, empty, not an image,
-    damaged, or too large (Pillow refuses decompression bombs: pictures of more than
-    Image.MAX_IMAGE_PIXELS, about 89 million pixels).
+    damaged, or too large (Pillow's guard against decompression bombs).
     """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)  # Pillow only warns up to twice its limit
-            with Image.open(path) as picture:
-                picture = ImageOps.exif_transpose(picture)  # a phone stores how it was held: turn it upright
-                if picture.mode.startswith("I"):  # 16-bit gray: convert("L") would clip it, not scale it
-                    picture = picture.convert("F").point(lambda value: value / 257)
-                picture = picture.convert("LA" if picture.mode in ("1", "L", "LA", "La", "F") else "RGBA")
-                pixels = torch.frombuffer(bytearray(picture.tobytes()), dtype=torch.uint8)
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise UserError(f"{path} is a folder, not an image") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise UserError(f"{path} is too large to read safely (more than {Image.MAX_IMAGE_PIXELS:,} pixels, "
-                        "Pillow's guard against decompression bombs): scale it down first") from None  # fmt: skip
-    except UnidentifiedImageError:
-        what = "an empty file" if os.path.getsize(path) == 0 else "not an image Pillow can read"
-        raise UserError(f"{path} is {what} (PNG, JPEG, BMP, GIF, TIFF and WebP work)") from None
-    except OSError as error:
-        raise UserError(f"{path} is damaged or cut short ({error})") from None
+    with reading(path, "an image"), warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # Pillow only warns up to twice its limit
+        with Image.open(path) as picture:
+            picture = ImageOps.exif_transpose(picture)  # a phone stores how it was held: turn it upright
+            if picture.mode.startswith("I"):  # 16-bit gray: convert("L") would clip it, not scale it
+                picture = picture.convert("F").point(lambda value: value / 257)
+            picture = picture.convert("LA" if picture.mode in ("1", "L", "LA", "La", "F") else "RGBA")
+            pixels = torch.frombuffer(bytearray(picture.tobytes()), dtype=torch.uint8)
     return pixels.view(picture.height, picture.width, -1).permute(2, 0, 1)
 
 
@@ -712,7 +712,8 @@ def predict_files(args):
     """
     path, device, answers = args.load or "model.pth", pick_device(args.device), []
     if not os.path.exists(path):
-        raise UserError(f"{path}: no such file: train a model first (python mnist_train.py saves model.pth), or give --load PATH")
+        raise UserError(f"{path}: no such file: train a model first (python mnist_train.py saves model.pth), "
+                        "or give --load PATH")
     with reading(path):
         model = load(build_model(device), path)
     for image_path in args.predict:
@@ -741,7 +742,7 @@ FLAG_DEFAULTS = {"checkpoint": "checkpoint.pt", "data_dir": "./data", "save": "m
 
 
 def number(kind, positive):
-    """An argparse type: a finite `kind` above 0 (positive), else an int from 0 to 2**63 - 1 (as torch.manual_seed takes)."""
+    """An argparse type: a finite `kind` above 0 (positive), else an int from 0 to 2**63 - 1 (torch.manual_seed's)."""
 
     def parse(text):
         with contextlib.suppress(ValueError):
@@ -769,25 +770,27 @@ def parse_args(argv=None):
     add("--device", default=FLAG_DEFAULTS["device"], help="auto, cpu, cuda, cuda:N or mps (default auto)")
     add("--data-dir", default=FLAG_DEFAULTS["data_dir"], help="MNIST goes in DATA_DIR/MNIST/raw (default ./data)")
     add("--save", default=FLAG_DEFAULTS["save"], help="where to save the trained weights (default model.pth)")
-    add("--checkpoint", default=FLAG_DEFAULTS["checkpoint"], help="resume file, written every epoch (default checkpoint.pt)")
+    add("--checkpoint", default=FLAG_DEFAULTS["checkpoint"], help="resume file, each epoch (default checkpoint.pt)")
     add("--resume", action="store_true", help="continue the run saved in --checkpoint")
     add("--load", metavar="PATH", help="start from these saved weights")
-    add("--cuda-graph", action="store_true", help="replay each training step as one CUDA graph (CUDA, adam): about "
-        "10x faster epochs on a GPU. Not torch.compile: compiling this step took 21.5 s and ran slower (bench/README.md)")  # fmt: skip
-    add("--predict", nargs="+", metavar="IMAGE", help="read the digit in each image with the model in --load (model.pth)")
+    add("--cuda-graph", action="store_true", help="replay each training step as one CUDA graph (CUDA, adam): about 10x "
+        "faster epochs on a GPU. Not torch.compile: compiling this step took 21.5 s and ran slower (bench/README.md)")
+    add("--predict", nargs="+", metavar="IMAGE", help="read the digit in each image with the model in --load")
     args = parser.parse_args(argv)
     try:
         device_type = "cpu" if args.device == "auto" else torch.device(args.device).type
     except RuntimeError:  # not a device torch knows
         device_type = None
     for wrong, why in (
-        (device_type not in ("cpu", "cuda", "mps"), f"argument --device: unknown device {args.device!r}: use auto, cpu, cuda, cuda:N or mps"),
+        (device_type not in ("cpu", "cuda", "mps"), f"argument --device: unknown device {args.device!r}: use auto, "
+                                                    "cpu, cuda, cuda:N or mps"),
         (args.predict and args.resume, "--predict trains nothing: drop --resume"),
         (args.predict and args.epochs, "--predict trains nothing: drop --epochs"),
         (args.predict and args.cuda_graph, "--predict trains nothing: drop --cuda-graph"),
-        (args.predict and "RANK" in os.environ, "--predict reads a few images in one process: run it with python, not torchrun"),
+        (args.predict and "RANK" in os.environ, "--predict reads a few images in one process: run it with python"),
         (args.resume and args.load, "--resume and --load exclude each other: --resume already restores the weights"),
-        (args.epochs == 0 and not args.load and not args.predict, "--epochs 0 trains nothing: use it with --load PATH to evaluate saved weights"),
+        (args.epochs == 0 and not args.load and not args.predict, "--epochs 0 trains nothing: use it with --load PATH "
+                                                                  "to evaluate saved weights"),
     ):  # fmt: skip
         if wrong:
             parser.error(why)
@@ -800,7 +803,8 @@ def pick_device(name="auto", local_rank=0):
     Never a silent fallback to the CPU: a user who asked for a GPU wants to know. Under torchrun,
     auto and cuda mean this process's own GPU, cuda:LOCAL_RANK.
     """
-    device = torch.device(name) if name != "auto" else torch.accelerator.current_accelerator(True) or torch.device("cpu")
+    found = torch.accelerator.current_accelerator(check_available=True)  # cuda, mps, xpu...: what this torch has
+    device = (found or torch.device("cpu")) if name == "auto" else torch.device(name)
     count, several = torch.cuda.device_count() if torch.cuda.is_available() else 0, dist.is_initialized()
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"--device {name}: MPS (Apple GPU) is not available here; use --device cpu")
@@ -867,8 +871,12 @@ def one_line_errors(run):
         return
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM
         how, status = run.stopped_by, 143 if run.stopped_by.endswith("SIGTERM") else 130
-        line = f"{how}: {resume_hint(run, 'continue with')}" if run.epochs_done else f"{how} before the first epoch ended: nothing saved"
-        line = line if run.training else f"{how} before training began: no file was changed"
+        if not run.training:
+            line = f"{how} before training began: no file was changed"
+        elif not run.epochs_done:
+            line = f"{how} before the first epoch ended: nothing saved"
+        else:
+            line = f"{how}: {resume_hint(run, 'continue with')}"
         line = "\n" * (status == 130) + line  # after Ctrl-C the terminal shows ^C mid-line: start on a fresh one
     except UserError as error:
         line, status = f"error: {error}", 1
@@ -877,7 +885,8 @@ def one_line_errors(run):
         # a RuntimeError from its TCP transport ("Connection closed by peer" or "reset by peer").
         if not (dist.is_initialized() and (isinstance(error, dist.DistError) or "by peer" in str(error))):
             raise
-        line, status = f"error: another process of this job stopped (torchrun's summary names it); {resume_hint(run, 'continue with')}", 1
+        line, status = "error: another process of this job stopped (torchrun's summary names it); ", 1
+        line += resume_hint(run, "continue with")
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
@@ -900,8 +909,9 @@ def resume_hint(run, go_on=None, failed=None):
     if not os.path.exists(args.checkpoint):
         return f"{args.checkpoint} is gone as well: nothing of this run is left"
     if failed:
-        return (f"{args.checkpoint} holds the finished run: once that is fixed, save {args.save} from it with: {resume} "
-                f"(or evaluate it as it is: python {shlex.join([script, '--epochs', '0', '--load', args.checkpoint])})")  # fmt: skip
+        evaluate_it = f"python {shlex.join([script, '--epochs', '0', '--load', args.checkpoint])}"
+        return (f"{args.checkpoint} holds the finished run: once that is fixed, save {args.save} from it with: "
+                f"{resume} (or evaluate it as it is: {evaluate_it})")
     held = f"{args.checkpoint} holds epoch {run.epochs_done} of {run.epochs}"
     return f"{held}; {go_on}: {resume}" if go_on else held
 
@@ -929,7 +939,7 @@ def read_checkpoint(path, device):
         checkpoint = torch.load(path, map_location=device, weights_only=True)
     parts = {"model", "optimizer", "scheduler", "epoch", "rng", "settings"}
     if not (isinstance(checkpoint, dict) and parts <= checkpoint.keys() and isinstance(checkpoint["epoch"], int)
-            and isinstance(checkpoint["settings"], dict) and DEFAULTS.keys() <= checkpoint["settings"].keys()):  # fmt: skip
+            and isinstance(checkpoint["settings"], dict) and DEFAULTS.keys() <= checkpoint["settings"].keys()):
         raise UserError(f"{path} is not a checkpoint of this script (weights only? start from them with --load)")
     return checkpoint
 
@@ -954,21 +964,9 @@ def load_checkpoint(checkpoint, path, model, optimizer, scheduler, generator):
         torch.set_rng_state(checkpoint["rng"]["torch"].cpu())
         generator.set_state(checkpoint["rng"]["shuffle"].cpu())
     except Exception as error:
-        raise UserError(f"{path}: the optimizer or random state does not fit ({' '.join(str(error).split())})") from None
+        text = " ".join(str(error).split())
+        raise UserError(f"{path}: the optimizer or random state does not fit ({text})") from None
     return checkpoint["epoch"]
-
-
-def refuse_to_overwrite(path):
-    """Raise UserError if `path` exists and holds an unfinished run, or a file that is not our checkpoint."""
-    if not os.path.exists(path):
-        return
-    try:  # never overwrite the only copy of an unfinished run, nor a file that isn't ours
-        old = read_checkpoint(path, "cpu")
-    except UserError as error:
-        raise UserError(f"{error}; not overwriting it: move it away or pick another --checkpoint") from None
-    if old["epoch"] < old["settings"]["epochs"]:
-        raise UserError(f"{path} holds an unfinished run (epoch {old['epoch']} of {old['settings']['epochs']}): "
-                        "add --resume to continue it, or move it away to start over")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------
@@ -1085,29 +1083,38 @@ def check_writable(path, flag):
     folder = os.path.dirname(os.path.realpath(path))
     if os.path.isdir(path):
         raise UserError(f"{flag} {path} is a folder: give a file name")
-    if not os.path.isdir(folder):
-        raise UserError(f"{flag} {path}: folder {folder} does not exist")
     try:
         tempfile.TemporaryFile(dir=folder).close()  # a file beside it, as atomic_save will make
     except OSError as error:
-        raise UserError(f"{flag} {path} cannot be written: {error.strerror}") from None
+        why = error.strerror if os.path.isdir(folder) else f"folder {folder} does not exist"
+        raise UserError(f"{flag} {path} cannot be written: {why}") from None
 
 
 @contextlib.contextmanager
 def reading(path, what="a saved model"):
-    """Within the block, what torch.load or load_state_dict raise on `path` is a UserError: one line naming it."""
+    """Within the block, what reading `path` raises (torch.load, load_state_dict, Pillow) is a UserError:
+    one line naming the file and what is wrong with it."""
     try:
         yield
     except Exception as error:
-        text = " ".join(str(error).split())
+        text, empty = " ".join(str(error).split()), os.path.isfile(path) and os.path.getsize(path) == 0
         reasons = (  # the first that holds
             (isinstance(error, FileNotFoundError), ": no such file"),
             (isinstance(error, IsADirectoryError), f" is a folder, not {what}"),
             (isinstance(error, PermissionError), ": permission denied"),
             # weights_only=True refused to unpickle code; load_state_dict names each tensor that does not fit.
-            ("Unsupported global" in text, " holds pickled Python objects, which could run code: refused (only tensors and plain data load here)"),
-            (text.startswith("Error(s) in loading state_dict"), f" was saved from another model: {text.partition(': ')[2]}"),
+            ("Unsupported global" in text, " holds pickled Python objects, which could run code: refused "
+                                           "(only tensors and plain data load here)"),
+            (text.startswith("Error(s) in loading state_dict"), f" was saved from another model: "
+                                                                f"{text.partition(': ')[2]}"),
             ("dict-like" in text, " does not hold a state_dict"),
+            # Pillow refuses more than twice Image.MAX_IMAGE_PIXELS (about 89 million) and warns above it.
+            (isinstance(error, (Image.DecompressionBombError, Image.DecompressionBombWarning)),
+             f" is too large to read safely (more than {Image.MAX_IMAGE_PIXELS:,} pixels, Pillow's guard against "
+             "decompression bombs): scale it down first"),
+            (isinstance(error, UnidentifiedImageError), " is " + ("an empty file" if empty else "not an image Pillow "
+                                                        "can read") + " (PNG, JPEG, BMP, GIF, TIFF and WebP work)"),
+            (what == "an image", f" is damaged or cut short ({text})"),
             (True, " is not a PyTorch file, or it is damaged"),
         )  # fmt: skip
         raise UserError(f"{path}{next(why for found, why in reasons if found)}") from None
@@ -1128,8 +1135,10 @@ def torchrun_processes(args):
     if not all(name in os.environ for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
         yield Run(args)
         return
-    rank, nodes, per_node = int(os.environ["RANK"]), os.environ.get("GROUP_WORLD_SIZE", "1"), os.environ["LOCAL_WORLD_SIZE"]
-    launcher = f"torchrun --standalone --nproc_per_node={per_node}" if nodes == "1" else "torchrun [your torchrun options]"
+    rank, per_node = int(os.environ["RANK"]), os.environ["LOCAL_WORLD_SIZE"]
+    launcher = "torchrun [your torchrun options]"  # on several machines; on one, the line that starts it again:
+    if os.environ.get("GROUP_WORLD_SIZE") == "1":
+        launcher = f"torchrun --standalone --nproc_per_node={per_node}"
     run = Run(args, rank, int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]), launcher, rank == 0)
     try:
         # NCCL moves CUDA tensors between GPUs; gloo moves CPU tensors, and needs no GPU at all.
