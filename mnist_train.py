@@ -467,9 +467,9 @@ def main(argv=None):
             elif args.load:
                 with reading(args.load):
                     load(model, args.load)
-        # 5) Step 4, epoch after epoch: train, evaluate, checkpoint, report.
-        train_one_epoch = make_epoch_trainer(args, settings, model, loss_fn, optimizer, scheduler, generator, train_set)
+        # 5) Step 4, epoch after epoch: train, evaluate, checkpoint, report (with --epochs 0, none).
         run.training, run.epochs, history = args.epochs != 0, settings["epochs"], []
+        train_one_epoch = make_epoch_trainer(run, settings, model, loss_fn, optimizer, scheduler, generator, train_set)
         for epoch in range(run.epochs_done + 1, run.epochs + 1 if run.training else 0):
             train_loss, seconds = train_one_epoch(f"epoch {epoch}/{run.epochs}")
             test_loss, accuracy = evaluate(model, iterate_batches(*test_set, EVAL_BATCH_SIZE), loss_fn)
@@ -506,7 +506,8 @@ def resolve_settings(run, device):
     settings = {key: saved[key] if getattr(args, key) is None else getattr(args, key) for key in DEFAULTS}
     settings["lr"] = settings["lr"] or DEFAULT_LR[settings["optimizer"]]
     if checkpoint and checkpoint["epoch"] > settings["epochs"]:
-        raise UserError(f"{args.checkpoint} has already trained {checkpoint['epoch']} epochs: ask for more, --epochs")
+        raise UserError(f"{args.checkpoint} has already trained {checkpoint['epoch']} epochs: "
+                        "ask for more with --epochs")
     for refused, why in (  # the CUDA-graph step needs one process, a CUDA device and Adam
         (dist.is_initialized(), "runs in one process: DDP would all-reduce inside its graph; run it without torchrun"),
         (device.type != "cuda", "replays each step as a CUDA graph, and CUDA graphs exist only on CUDA devices: "
@@ -538,10 +539,12 @@ def header(settings, device, world_size):
             + f", {world_size} process{'es' * (world_size != 1)} under torchrun" * dist.is_initialized())  # fmt: skip
 
 
-def make_epoch_trainer(args, settings, model, loss_fn, optimizer, scheduler, generator, train_set):
+def make_epoch_trainer(run, settings, model, loss_fn, optimizer, scheduler, generator, train_set):
     """Return train(label) -> (mean loss, seconds) of one more epoch: the lesson's train_epoch over this
     process's part of every batch (all of it, alone), or with --cuda-graph its CUDA-graph twin."""
-    (x, y), batch_size, rank, world_size = train_set, settings["batch_size"], 0, 1
+    (x, y), batch_size, rank, world_size, args = train_set, settings["batch_size"], 0, 1, run.args
+    if not run.training:  # only evaluating
+        return None
     if args.cuda_graph:
         graphed_train_epoch = make_graphed_train_epoch(model, loss_fn, optimizer, scheduler, x, y, batch_size)
     if dist.is_initialized():
@@ -960,7 +963,9 @@ def load_checkpoint(checkpoint, path, model, optimizer, scheduler, generator):
         # off: a --cuda-graph run saved a tensor and capturable on.
         factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
         for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
-            group["lr"], group["capturable"] = float(base_lr) * factor, False
+            group["lr"] = float(base_lr) * factor
+            if "capturable" in group:  # Adam's; SGD has none
+                group["capturable"] = False
         torch.set_rng_state(checkpoint["rng"]["torch"].cpu())
         generator.set_state(checkpoint["rng"]["shuffle"].cpu())
     except Exception as error:
