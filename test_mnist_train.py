@@ -276,6 +276,37 @@ def test_saved_weights_load_with_the_guides_one_liner(tmp_path):
     assert_same_state(state_of(model), state_of(plain))
 
 
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions and links")
+def test_save_keeps_the_files_permissions_writes_through_a_link_and_follows_no_planted_one(tmp_path):
+    path, victim = tmp_path / "model.pth", tmp_path / "someone-elses-file"
+    victim.write_text("keep me")
+    # The temporary name an earlier release used: a link planted there must not be followed.
+    os.symlink(victim, tmp_path / f"model.pth.{os.getpid()}.tmp")
+    mt.save(mt.build_model(), path)
+    assert victim.read_text() == "keep me"
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask  # a new file: as open() would make it
+    os.chmod(path, 0o640)  # a file shared with a group only stays so
+    mt.save(mt.build_model(), path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
+    os.symlink(path, tmp_path / "link.pth")  # a link the user named: the file it names is replaced
+    model = mt.build_model()
+    mt.save(model, tmp_path / "link.pth")
+    assert os.path.islink(tmp_path / "link.pth")
+    assert_same_state(torch.load(path), state_of(model))
+
+
+@given(content=st.binary(max_size=40))
+def test_any_file_that_is_not_a_model_is_one_clear_error(content, tmp_path):
+    # Text, a few stray bytes, nothing: torch.load raises many kinds of errors; each is one line.
+    path = tmp_path / "notes.txt"
+    path.write_bytes(content)
+    with pytest.raises(mt.UserError, match="is not a PyTorch file, or it is damaged"):
+        with mt.reading(path):  # what main wraps the lesson's load in
+            mt.load(mt.build_model(), path)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_a_checkpoint_written_on_a_gpu_loads_on_a_cpu_only_machine(fake_mnist, tmp_path, monkeypatch):
     mt.main(cli(tmp_path, fake_mnist, "--epochs", "1"))
