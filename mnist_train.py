@@ -551,7 +551,7 @@ def make_epoch_trainer(run, settings, model, loss_fn, optimizer, scheduler, gene
         # DDP wraps the very model (no copy) and averages the processes' gradients in backward().
         gpu = [x.device.index] if x.device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(model, device_ids=gpu)
-        loss_fn, rank, world_size = share_loss(loss_fn), dist.get_rank(), dist.get_world_size()
+        loss_fn, rank, world_size = part_loss(loss_fn), dist.get_rank(), dist.get_world_size()
 
     def train(label):
         start = time.perf_counter()
@@ -1182,7 +1182,7 @@ def all_start_or_none(run):
             raise SystemExit(1)
 
 
-def share_loss(loss_fn):
+def part_loss(loss_fn):
     """loss_fn for one process's part of each batch under DDP: the part's mean loss, its gradient
     weighted by n * world_size / b for a part of n of the batch's b samples.
 

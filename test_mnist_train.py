@@ -1152,7 +1152,7 @@ mt.main()
 """
 
 # Two processes sum float32 numbers in another order than one: after a few Adam steps the
-# weights agree to ~2e-6 (measured); without the share weights they drift ~3e-2 apart.
+# weights agree to ~2e-6 (measured); without weighting each process's part they drift ~3e-2 apart.
 TORCHRUN_TOLERANCE = {"rtol": 0, "atol": 1e-4}
 
 
@@ -1176,7 +1176,7 @@ def torchrun(tmp_path, argv, processes=2, **env):
 
 def write_uneven_mnist(data_dir):
     """MNIST-format files that split unevenly: 94 training images (batches of 31 leave 1 for two
-    processes, one share empty) and 21 test images, 5 of them mislabelled, all in the first shard."""
+    processes, one part empty) and 21 test images, 5 of them mislabelled."""
     write_fake_mnist(data_dir, n_train=94, n_test=21)
     labels_path = os.path.join(data_dir, "MNIST", "raw", "t10k-labels-idx1-ubyte")
     _, labels = learnable_images(21, 1)  # as write_fake_mnist drew them
