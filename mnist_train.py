@@ -42,6 +42,7 @@ import shlex
 import signal
 import sys
 import tempfile
+import threading
 import time
 import warnings
 
@@ -232,7 +233,7 @@ def load(model, path):
     # loads on a CPU-only machine too. weights_only=True: only tensors and plain data; a
     # file that would run code when unpickled is refused.
     state = torch.load(path, map_location=next(model.parameters()).device, weights_only=True)
-    if isinstance(state, dict) and "model" in state:
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]  # a checkpoint (see Checkpoints, in the machinery): its weights
     # load_state_dict checks every name and shape, and says which do not fit.
     model.load_state_dict(state)
@@ -251,13 +252,14 @@ def atomic_save(obj, path):
     #    mkstemp picks at random and creates itself (O_EXCL): no one can plant a link there.
     handle, temporary = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
-        # mkstemp's file is private (0600): give it the permissions of the file it replaces,
-        # or those of any new file (the umask's).
-        umask = os.umask(0o022)
-        os.umask(umask)
-        os.chmod(temporary, os.stat(path).st_mode & 0o7777 if os.path.exists(path) else 0o666 & ~umask)
-        # 2) Write, and flush to disk before the name points at it; 3) rename over the target.
         with open(handle, "wb") as f:
+            # mkstemp's file is private (0600): give it the permissions of the file it replaces, or a
+            # new file's (the umask's). A filesystem without permissions (FAT) refuses: no matter.
+            umask = os.umask(0o022)
+            os.umask(umask)
+            with contextlib.suppress(OSError):
+                os.chmod(temporary, os.stat(path).st_mode & 0o7777 if os.path.exists(path) else 0o666 & ~umask)
+            # 2) Write, and flush to disk before the name points at it; 3) rename over the target.
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
@@ -435,7 +437,7 @@ def confusion_matrix(model, batches, num_classes=10):
 
 # ###########################################################################
 # The lesson ends here. Next, main: a run as a story. Then the machinery that
-# feeds and protects it, in the order a run meets it.
+# feeds and protects it, each part in its own section.
 # ###########################################################################
 
 
@@ -459,7 +461,8 @@ def main(argv=None):
             # 3) Steps 1-3: the model, the loss, the optimizer and its schedule.
             model, loss_fn = build_model(device), make_loss()
             optimizer = make_optimizer(model, settings["optimizer"], settings["lr"])
-            scheduler = make_scheduler(optimizer, settings["epochs"] * -(-len(train_set[1]) // settings["batch_size"]))
+            steps_per_epoch = math.ceil(len(train_set[1]) / settings["batch_size"])
+            scheduler = make_scheduler(optimizer, settings["epochs"] * steps_per_epoch)
             # 4) Resume where the checkpoint left off, or start from saved weights.
             if checkpoint is not None:
                 run.epochs_done = load_checkpoint(checkpoint, args.checkpoint, model, optimizer, scheduler, generator)
@@ -508,17 +511,16 @@ def resolve_settings(run, device):
     if checkpoint and checkpoint["epoch"] > settings["epochs"]:
         raise UserError(f"{args.checkpoint} has already trained {checkpoint['epoch']} epochs: "
                         "ask for more with --epochs")
-    for refused, why in (  # the CUDA-graph step needs one process, a CUDA device and Adam
-        (dist.is_initialized(), "runs in one process: DDP would all-reduce inside its graph; run it without torchrun"),
-        (device.type != "cuda", "replays each step as a CUDA graph, and CUDA graphs exist only on CUDA devices: "
-                                "use --device cuda"),
-        (settings["optimizer"] != "adam", "needs --optimizer adam: SGD cannot read its learning rate inside a graph"),
-    ):
-        if refused and args.cuda_graph and args.epochs != 0:
-            raise UserError(f"--cuda-graph {why}, or drop --cuda-graph")
-    writes = run.master_process and args.epochs != 0  # one process writes the files, and only when training
-    for path, flag in ((args.save, "--save"), (args.checkpoint, "--checkpoint")) * writes:
-        check_writable(path, flag)  # now, not after an hour of training
+    graph_refused = dist.is_initialized() or device.type != "cuda" or settings["optimizer"] != "adam"
+    if args.cuda_graph and args.epochs != 0 and graph_refused:
+        raise UserError("--cuda-graph replays each step as one CUDA graph: it runs in one process (DDP all-reduces "
+                        "inside a step), with --optimizer adam (SGD reads no learning rate there), and CUDA graphs "
+                        f"exist only on CUDA devices (this is {device}); drop --cuda-graph, or meet all three")
+    if args.epochs != 0 and settings["batch_size"] < run.world_size:  # every process needs a part of every batch
+        raise UserError(f"--batch-size {settings['batch_size']} is smaller than the {run.world_size} processes")
+    if args.epochs != 0 and run.master_process:  # one process writes the files: refuse now, not after an hour
+        check_writable(args.save, "--save")
+        check_writable(args.checkpoint, "--checkpoint")
     if args.epochs != 0 and not args.resume and os.path.exists(args.checkpoint):
         try:  # never overwrite the only copy of an unfinished run, nor a file that isn't ours
             old = read_checkpoint(args.checkpoint, "cpu")
@@ -532,38 +534,40 @@ def resolve_settings(run, device):
 
 def header(settings, device, world_size):
     """The run's first line: what trains, where, and how."""
-    epochs = settings["epochs"]
-    return (f"mnist_train: torch {torch.__version__}, device {device}, seed {settings['seed']}, "
-            f"{settings['optimizer']} lr {settings['lr']:g}, batch {settings['batch_size']}, "
-            f"{epochs} epoch{'s' * (epochs != 1)}"
-            + f", {world_size} process{'es' * (world_size != 1)} under torchrun" * dist.is_initialized())  # fmt: skip
+    s, processes = settings, f", {world_size} process{'' if world_size == 1 else 'es'} under torchrun"
+    return (f"mnist_train: torch {torch.__version__}, device {device}, seed {s['seed']}, {s['optimizer']} "
+            f"lr {s['lr']:g}, batch {s['batch_size']}, {s['epochs']} epoch{'' if s['epochs'] == 1 else 's'}"
+            + (processes if dist.is_initialized() else ""))
 
 
 def make_epoch_trainer(run, settings, model, loss_fn, optimizer, scheduler, generator, train_set):
     """Return train(label) -> (mean loss, seconds) of one more epoch: the lesson's train_epoch over this
-    process's part of every batch (all of it, alone), or with --cuda-graph its CUDA-graph twin."""
-    (x, y), batch_size, rank, world_size, args = train_set, settings["batch_size"], 0, 1, run.args
-    if not run.training:  # only evaluating
+    process's part of every batch (all of it, alone), or with --cuda-graph its CUDA-graph twin.
+    None with --epochs 0: nothing trains."""
+    (x, y), batch_size, args = train_set, settings["batch_size"], run.args
+    if not run.training:
         return None
     if args.cuda_graph:
         graphed_train_epoch = make_graphed_train_epoch(model, loss_fn, optimizer, scheduler, x, y, batch_size)
     if dist.is_initialized():
         # DDP wraps the very model (no copy) and averages the processes' gradients in backward().
-        gpu = [x.device.index] if x.device.type == "cuda" else None
-        model = nn.parallel.DistributedDataParallel(model, device_ids=gpu)
-        loss_fn, rank, world_size = part_loss(loss_fn), dist.get_rank(), dist.get_world_size()
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[x.device.index] if x.is_cuda else None)
+        loss_fn = part_loss(loss_fn)
+    # How many samples this process trains per epoch: its part of each batch (all of them, alone).
+    count = sum(len(batch.tensor_split(run.world_size)[run.rank]) for batch in torch.arange(len(x)).split(batch_size))
 
     def train(label):
         start = time.perf_counter()
         if args.cuda_graph:
             return graphed_train_epoch(generator), time.perf_counter() - start
-        batches = iterate_batches(x, y, batch_size, generator, rank, world_size)
-        batches = show_progress(batches, label, len(x) // batch_size)
-        loss = torch.tensor([train_epoch(model, batches, loss_fn, optimizer, scheduler)], dtype=torch.float64)
-        if dist.is_initialized():  # the mean over the processes: every one reports the same number
-            dist.all_reduce(loss)
-        # train_epoch's loss.item() waited for the device: the time is the epoch's.
-        return loss.item() / world_size, time.perf_counter() - start
+        batches = iterate_batches(x, y, batch_size, generator, run.rank, run.world_size)
+        batches = show_progress(batches, label, math.ceil(len(x) / batch_size))
+        loss = train_epoch(model, batches, loss_fn, optimizer, scheduler)
+        if dist.is_initialized():  # the mean over every process's samples: each reports the same number
+            total = torch.tensor([loss * count, count], dtype=torch.float64)
+            dist.all_reduce(total)
+            loss = (total[0] / total[1]).item()
+        return loss, time.perf_counter() - start  # train_epoch's .item() waited for the device
 
     return train
 
@@ -591,8 +595,10 @@ def finish(run, model, loss_fn, test_set, history):
             with writing(run, run.args.save):
                 save(model, run.args.save)
         print(f"test accuracy {100 * accuracy:.2f}% | model saved to {run.args.save}", flush=True)
+    if dist.is_initialized():  # leave together: a process that tears its connections down early can abort others
+        dist.barrier()
     metrics = {"test_loss": test_loss, "test_accuracy": accuracy, "confusion": confusion.tolist()}
-    return {**metrics, "epochs": run.epochs * run.training, "history": history}
+    return {**metrics, "epochs": run.epochs if run.training else 0, "history": history}
 
 
 def class_report(confusion, whole_matrix=False):
@@ -677,8 +683,7 @@ def iterate_batches(x, y, batch_size, generator=None, rank=0, world_size=1):
     """
     # Step 4's DataLoader(shuffle=True), without the DataLoader: one permutation per epoch. The
     # seeded CPU generator makes the order the same on every device for a given seed.
-    order = torch.arange(len(x)) if generator is None else torch.randperm(len(x), generator=generator)
-    order = order.to(x.device)
+    order = (torch.arange(len(x)) if generator is None else torch.randperm(len(x), generator=generator)).to(x.device)
     for start in range(0, len(x), batch_size):
         index = order[start : start + batch_size].tensor_split(world_size)[rank]
         # Same rows as x[index]; index_select gathers them ~2.5x faster on the CPU (measured).
@@ -691,7 +696,7 @@ def iterate_batches(x, y, batch_size, generator=None, rank=0, world_size=1):
 
 
 def read_image(path):
-    """Read an image file with Pillow into uint8 [C, H, W]: gray+alpha or RGBA.
+    """Read an image file with Pillow into uint8 [C, H, W]: gray, gray+alpha, RGB or RGBA.
 
     Raises UserError saying why a file can't be used: missing, a folder, empty, not an image,
     damaged, or too large (Pillow's guard against decompression bombs).
@@ -702,7 +707,9 @@ def read_image(path):
             picture = ImageOps.exif_transpose(picture)  # a phone stores how it was held: turn it upright
             if picture.mode.startswith("I"):  # 16-bit gray: convert("L") would clip it, not scale it
                 picture = picture.convert("F").point(lambda value: value / 257)
-            picture = picture.convert("LA" if picture.mode in ("1", "L", "LA", "La", "F") else "RGBA")
+            alpha = picture.mode in ("LA", "La", "PA", "RGBA", "RGBa") or "transparency" in picture.info
+            gray = picture.mode in ("1", "L", "LA", "La", "F")
+            picture = picture.convert(("LA" if alpha else "L") if gray else ("RGBA" if alpha else "RGB"))
             pixels = torch.frombuffer(bytearray(picture.tobytes()), dtype=torch.uint8)
     return pixels.view(picture.height, picture.width, -1).permute(2, 0, 1)
 
@@ -717,8 +724,9 @@ def predict_files(args):
     if not os.path.exists(path):
         raise UserError(f"{path}: no such file: train a model first (python mnist_train.py saves model.pth), "
                         "or give --load PATH")
+    model = build_model(device)
     with reading(path):
-        model = load(build_model(device), path)
+        load(model, path)
     for image_path in args.predict:
         try:
             x = prepare_digit(read_image(image_path))
@@ -740,10 +748,6 @@ def predict_files(args):
 # ---------------------------------------------------------------------------
 
 
-# Defaults of the flags a resume command names when they differ (the checkpoint holds the rest).
-FLAG_DEFAULTS = {"checkpoint": "checkpoint.pt", "data_dir": "./data", "save": "model.pth", "device": "auto"}
-
-
 def number(kind, positive):
     """An argparse type: a finite `kind` above 0 (positive), else an int from 0 to 2**63 - 1 (torch.manual_seed's)."""
 
@@ -762,18 +766,19 @@ def parse_args(argv=None):
     """Parse the flags; a usage error exits with status 2 and one line (argparse's own error prints
     the whole usage first). Settings a checkpoint remembers default to None: --resume takes its."""
     parser = argparse.ArgumentParser(description="Train the guide's MLP on MNIST.")
-    first = os.environ.get("RANK", "0") == "0"  # under torchrun every process parses the flags: one says why
-    parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {message} (see --help)\n" * first)
+    # One line, not argparse's usage; under torchrun every process parses the flags, and rank 0 says why.
+    first = os.environ.get("RANK", "0") == "0"
+    parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {message} (see --help)\n" if first else None)
     add = parser.add_argument
     add("--epochs", type=number(int, False), help="total epochs (default 5; 0 with --load only evaluates)")
     add("--batch-size", type=number(int, True), help="training batch size (default 64)")
     add("--lr", type=number(float, True), help="peak learning rate (default 3e-3 for adam, 0.05 for sgd)")
     add("--optimizer", choices=["adam", "sgd"], help="default adam")
     add("--seed", type=number(int, False), help="seeds the initial weights and the shuffle (default 0)")
-    add("--device", default=FLAG_DEFAULTS["device"], help="auto, cpu, cuda, cuda:N or mps (default auto)")
-    add("--data-dir", default=FLAG_DEFAULTS["data_dir"], help="MNIST goes in DATA_DIR/MNIST/raw (default ./data)")
-    add("--save", default=FLAG_DEFAULTS["save"], help="where to save the trained weights (default model.pth)")
-    add("--checkpoint", default=FLAG_DEFAULTS["checkpoint"], help="resume file, each epoch (default checkpoint.pt)")
+    add("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    add("--data-dir", default="./data", help="MNIST goes in DATA_DIR/MNIST/raw (default ./data)")
+    add("--save", default="model.pth", help="where to save the trained weights (default model.pth)")
+    add("--checkpoint", default="checkpoint.pt", help="resume file, each epoch (default checkpoint.pt)")
     add("--resume", action="store_true", help="continue the run saved in --checkpoint")
     add("--load", metavar="PATH", help="start from these saved weights")
     add("--cuda-graph", action="store_true", help="replay each training step as one CUDA graph (CUDA, adam): about 10x "
@@ -784,12 +789,11 @@ def parse_args(argv=None):
         device_type = "cpu" if args.device == "auto" else torch.device(args.device).type
     except RuntimeError:  # not a device torch knows
         device_type = None
+    given = [f"--{name.replace('_', '-')}" for name in ("resume", "epochs", "cuda_graph") if getattr(args, name)]
     for wrong, why in (
         (device_type not in ("cpu", "cuda", "mps"), f"argument --device: unknown device {args.device!r}: use auto, "
                                                     "cpu, cuda, cuda:N or mps"),
-        (args.predict and args.resume, "--predict trains nothing: drop --resume"),
-        (args.predict and args.epochs, "--predict trains nothing: drop --epochs"),
-        (args.predict and args.cuda_graph, "--predict trains nothing: drop --cuda-graph"),
+        (args.predict and given, f"--predict trains nothing: drop {given[0] if given else ''}"),
         (args.predict and "RANK" in os.environ, "--predict reads a few images in one process: run it with python"),
         (args.resume and args.load, "--resume and --load exclude each other: --resume already restores the weights"),
         (args.epochs == 0 and not args.load and not args.predict, "--epochs 0 trains nothing: use it with --load PATH "
@@ -801,13 +805,14 @@ def parse_args(argv=None):
 
 
 def pick_device(name="auto", local_rank=0):
-    """The torch.device for `name`: auto (the accelerator torch finds, else cpu), cpu, cuda, cuda:N or mps.
+    """The torch.device for `name`: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.
 
     Never a silent fallback to the CPU: a user who asked for a GPU wants to know. Under torchrun,
     auto and cuda mean this process's own GPU, cuda:LOCAL_RANK.
     """
-    found = torch.accelerator.current_accelerator(check_available=True)  # cuda, mps, xpu...: what this torch has
-    device = (found or torch.device("cpu")) if name == "auto" else torch.device(name)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    device = torch.device(name)
     count, several = torch.cuda.device_count() if torch.cuda.is_available() else 0, dist.is_initialized()
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"--device {name}: MPS (Apple GPU) is not available here; use --device cpu")
@@ -816,12 +821,12 @@ def pick_device(name="auto", local_rank=0):
                         "torch.distributed has no backend for MPS): use --device cuda, or cpu")  # fmt: skip
     if device.type == "cuda" and count == 0:
         raise UserError(f"--device {name}: CUDA is not available here (torch {torch.__version__}); use --device cpu")
-    if device.type == "cuda" and several:
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)  # where NCCL and DDP work for this process
+    device = torch.device("cuda", local_rank) if device.type == "cuda" and several else device
     if device.type == "cuda" and (device.index or 0) >= count:
-        raise UserError(f"--device {name}: cuda:{device.index} is needed, but only {count} CUDA device(s) are visible"
-                        + " (start at most that many processes: --nproc_per_node)" * several)  # fmt: skip
+        raise UserError(f"--device {name}: cuda:{device.index} is needed, but {count} CUDA device(s) are visible"
+                        + (" (start at most that many processes: --nproc_per_node)" if several else ""))
+    if device.type == "cuda" and several:
+        torch.cuda.set_device(device)  # where NCCL and DDP work for this process
     return device
 
 
@@ -845,10 +850,9 @@ class Run:
     local_rank: int = 0  # its index on this machine: also its GPU
     launcher: str = "python"  # what starts the same job again, before the script's name
     master_process: bool = True  # nanoGPT's name for rank 0: the process that prints and writes files
-    training: bool = False  # the epochs have begun
+    training: bool = False  # True once the epochs are about to begin; never with --epochs 0
     epochs: int = 0  # the run's total
     epochs_done: int = 0  # the epoch --checkpoint holds for this run
-    stopped_by: str = "interrupted"  # Ctrl-C; or "terminated by SIGTERM"
 
 
 @contextlib.contextmanager
@@ -865,15 +869,15 @@ def one_line_errors(run):
         # from torchrun) are ignored, so they cannot break into the message about the first.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        run.stopped_by = "terminated by SIGTERM" if signum == signal.SIGTERM else "interrupted"
-        raise KeyboardInterrupt
+        raise KeyboardInterrupt("terminated by SIGTERM" if signum == signal.SIGTERM else "interrupted")
 
-    previous = {number: signal.signal(number, stop) for number in (signal.SIGINT, signal.SIGTERM)}
+    signals = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+    previous = {number: signal.signal(number, stop) for number in signals}  # only the main thread can take them
     try:
         yield
         return
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM
-        how, status = run.stopped_by, 143 if run.stopped_by.endswith("SIGTERM") else 130
+    except KeyboardInterrupt as stop:  # Ctrl-C (which may come before our handler is up), or SIGTERM
+        how, status = (str(stop), 143) if str(stop).endswith("SIGTERM") else ("interrupted", 130)
         if not run.training:
             line = f"{how} before training began: no file was changed"
         elif not run.epochs_done:
@@ -901,11 +905,13 @@ def one_line_errors(run):
 def resume_hint(run, go_on=None, failed=None):
     """What --checkpoint holds of this run and, given `go_on`, the command that goes on from it, ready to
     paste. If the final save of the model `failed`, how to save it from the checkpoint instead."""
-    args = run.args
+    args, defaults, flags = run.args, parse_args([]), ["--resume"]
     script = sys.argv[0] if os.path.basename(sys.argv[0]) == os.path.basename(__file__) else os.path.basename(__file__)
-    flags = ["--resume"] + [arg for name, default in FLAG_DEFAULTS.items() if getattr(args, name) != default
-                            for arg in ("--" + name.replace("_", "-"), str(getattr(args, name)))]  # fmt: skip
-    flags += (["--epochs", str(args.epochs)] if args.epochs is not None else []) + ["--cuda-graph"] * args.cuda_graph
+    for name in ("checkpoint", "data_dir", "save", "device"):  # the flags that differ; the checkpoint holds the rest
+        if getattr(args, name) != getattr(defaults, name):
+            flags += ["--" + name.replace("_", "-"), str(getattr(args, name))]
+    flags += ["--epochs", str(args.epochs)] if args.epochs is not None else []
+    flags += ["--cuda-graph"] if args.cuda_graph else []
     resume = f"{run.launcher} {shlex.join([script, *flags])}"
     if not run.epochs_done:
         return "nothing was saved"
@@ -969,8 +975,7 @@ def load_checkpoint(checkpoint, path, model, optimizer, scheduler, generator):
         torch.set_rng_state(checkpoint["rng"]["torch"].cpu())
         generator.set_state(checkpoint["rng"]["shuffle"].cpu())
     except Exception as error:
-        text = " ".join(str(error).split())
-        raise UserError(f"{path}: the optimizer or random state does not fit ({text})") from None
+        raise UserError(f"{path}: the optimizer or random state does not fit ({error})") from None
     return checkpoint["epoch"]
 
 
@@ -1031,18 +1036,19 @@ def make_graphed_train_epoch(model, loss_fn, optimizer, scheduler, x, y, batch_s
 def make_graph_replayer(step, warmup_steps=3):
     """Return run(): the first `warmup_steps` calls run `step` eagerly, the next captures it as a
     CUDA graph and replays it, and every later call only replays."""
-    graph, stream, calls = torch.cuda.CUDAGraph(), torch.cuda.Stream(), [0]
+    graph, stream, calls = torch.cuda.CUDAGraph(), torch.cuda.Stream(), 0
 
     def run():
-        calls[0] += 1
-        if calls[0] > warmup_steps + 1:
+        nonlocal calls
+        calls += 1
+        if calls > warmup_steps + 1:
             return graph.replay()
         # A few real steps run eagerly first (on a side stream, as PyTorch's CUDA-graph notes advise)
         # so that lazy state such as Adam's moments exists; then one capture, which records kernels
         # without running them: replay it.
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            if calls[0] <= warmup_steps:
+            if calls <= warmup_steps:
                 step()
             else:
                 with torch.cuda.graph(graph, stream=stream):
@@ -1078,7 +1084,7 @@ def writing(run, path):
                    errno.EACCES: "permission denied", errno.EPERM: "permission denied"}  # fmt: skip
         line = f"could not write {path}: {reasons.get(error.errno, error.strerror or str(error))}"
         if path == run.args.save:  # the last write: the checkpoint holds the finished run
-            line += f" (the {path} already there is unchanged)" * os.path.exists(path)
+            line += f" (the {path} already there is unchanged)" if os.path.exists(path) else ""
             raise UserError(f"{line}; {resume_hint(run, failed=path)}") from None
         raise UserError(f"{line}; {resume_hint(run, 'once that is fixed, continue with')}") from None
 
@@ -1108,7 +1114,7 @@ def reading(path, what="a saved model"):
             (isinstance(error, IsADirectoryError), f" is a folder, not {what}"),
             (isinstance(error, PermissionError), ": permission denied"),
             # weights_only=True refused to unpickle code; load_state_dict names each tensor that does not fit.
-            ("Unsupported global" in text, " holds pickled Python objects, which could run code: refused "
+            ("GLOBAL" in text, " holds pickled Python objects, which could run code: refused "
                                            "(only tensors and plain data load here)"),
             (text.startswith("Error(s) in loading state_dict"), f" was saved from another model: "
                                                                 f"{text.partition(': ')[2]}"),
@@ -1136,25 +1142,21 @@ def reading(path, what="a saved model"):
 
 @contextlib.contextmanager
 def torchrun_processes(args):
-    """Yield this process's Run; under torchrun (it sets RANK, WORLD_SIZE and LOCAL_RANK), with the process group up."""
-    if not all(name in os.environ for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
+    """Yield this process's Run; under torchrun (it sets RANK, WORLD_SIZE, LOCAL_RANK and where to meet,
+    MASTER_ADDR), with the process group up. Without all four, one process runs alone."""
+    if not all(name in os.environ for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")):
         yield Run(args)
         return
-    rank, per_node = int(os.environ["RANK"]), os.environ["LOCAL_WORLD_SIZE"]
-    launcher = "torchrun [your torchrun options]"  # on several machines; on one, the line that starts it again:
-    if os.environ.get("GROUP_WORLD_SIZE") == "1":
+    rank, per_node = int(os.environ["RANK"]), os.environ.get("LOCAL_WORLD_SIZE", "1")
+    launcher = "torchrun [your torchrun options]"  # several machines; on one, the line that starts the job again:
+    if os.environ.get("GROUP_WORLD_SIZE", "1") == "1":
         launcher = f"torchrun --standalone --nproc_per_node={per_node}"
     run = Run(args, rank, int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]), launcher, rank == 0)
-    try:
-        # NCCL moves CUDA tensors between GPUs; gloo moves CPU tensors, and needs no GPU at all.
-        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
-    except (ValueError, RuntimeError) as error:  # launched by hand with RANK set, say
-        print(f"error: process {rank} could not join the others ({error}): start it with torchrun", file=sys.stderr)
-        raise SystemExit(1) from None
-    try:  # one voice: the others' prints go nowhere (print() skips a missing sys.stdout)
+    # NCCL moves CUDA tensors between GPUs; gloo moves CPU tensors, and needs no GPU at all.
+    dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    try:  # one voice: the others' prints go nowhere (print() skips a missing sys.stdout; this file only prints)
         with contextlib.redirect_stdout(sys.stdout if run.master_process else None):
             yield run
-        dist.barrier()  # leave together: a process that tears its connections down early can abort the others
     finally:
         dist.destroy_process_group()
 
@@ -1187,7 +1189,7 @@ def part_loss(loss_fn):
     weighted by n * world_size / b for a part of n of the batch's b samples.
 
     DDP averages the processes' gradients; so weighted, that average is the whole batch's mean
-    gradient, also when b does not split evenly (an odd size, the last batch, b < world_size).
+    gradient, also when b does not split evenly (an odd size; the last batch, even one left empty).
     """
 
     def loss_of_part(logits, y):

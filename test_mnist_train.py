@@ -21,6 +21,7 @@ import statistics
 import struct
 import subprocess
 import sys
+import threading
 import time
 from unittest import mock
 
@@ -302,7 +303,8 @@ def test_any_file_that_is_not_a_model_is_one_clear_error(content, tmp_path):
     # Text, a few stray bytes, nothing: torch.load raises many kinds of errors; each is one line.
     path = tmp_path / "notes.txt"
     path.write_bytes(content)
-    with pytest.raises(mt.UserError, match="is not a PyTorch file, or it is damaged"):
+    # (A first byte "c" is pickle's GLOBAL: torch reads it as an attempt to load code, and so do we.)
+    with pytest.raises(mt.UserError, match="is not a PyTorch file, or it is damaged|holds pickled Python objects"):
         with mt.reading(path):  # what main wraps the lesson's load in
             mt.load(mt.build_model(), path)
 
@@ -784,16 +786,17 @@ def test_labels_out_of_range_are_named(fake_mnist, tmp_path, capsys):
 
 
 class RunsCodeWhenUnpickled:
-    def __init__(self, marker):
-        self.marker = marker
+    def __init__(self, marker, how):
+        self.marker, self.how = marker, how
 
-    def __reduce__(self):
-        return (open, (self.marker, "w"))  # would create the marker file
+    def __reduce__(self):  # would create the marker file: with open(), or a shell command through os.system
+        return (open, (self.marker, "w")) if self.how == "open" else (os.system, (f"touch {self.marker}",))
 
 
-def test_load_refuses_a_file_that_would_run_code(tmp_path):
+@pytest.mark.parametrize("how", ["open", "os.system"])
+def test_load_refuses_a_file_that_would_run_code(how, tmp_path):
     marker = tmp_path / "code-ran"
-    torch.save({"fc1.weight": RunsCodeWhenUnpickled(str(marker))}, tmp_path / "evil.pth")
+    torch.save({"fc1.weight": RunsCodeWhenUnpickled(str(marker), how)}, tmp_path / "evil.pth")
     with pytest.raises(pickle.UnpicklingError):  # the lesson's load: weights_only=True refuses it
         mt.load(mt.build_model(), tmp_path / "evil.pth")
     with pytest.raises(mt.UserError, match="holds pickled Python objects, which could run code: refused"):
@@ -1280,8 +1283,21 @@ def test_under_torchrun_mps_and_the_cuda_graph_are_refused_with_a_reason(monkeyp
     with pytest.raises(mt.UserError, match="torch.distributed has no backend for MPS"):
         mt.pick_device("mps", local_rank=1)
     run = mt.Run(mt.parse_args(["--cuda-graph"]), rank=0, world_size=2, local_rank=0, launcher="torchrun")
-    with pytest.raises(mt.UserError, match="--cuda-graph runs in one process"):
+    with pytest.raises(mt.UserError, match="--cuda-graph replays each step as one CUDA graph: it runs in one process"):
         mt.resolve_settings(run, torch.device("cuda"))
+    run = mt.Run(mt.parse_args(["--batch-size", "1"]), rank=0, world_size=2, local_rank=0, launcher="torchrun")
+    with pytest.raises(mt.UserError, match="--batch-size 1 is smaller than the 2 processes"):
+        mt.resolve_settings(run, torch.device("cpu"))
+
+
+def test_main_runs_in_a_thread_and_with_rank_variables_set_by_hand(fake_mnist, tmp_path, monkeypatch):
+    # Only the main thread can take signals; and RANK & co. without torchrun's MASTER_ADDR is one process.
+    monkeypatch.setenv("RANK", "0"), monkeypatch.setenv("WORLD_SIZE", "1"), monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    results = []
+    thread = threading.Thread(target=lambda: results.append(mt.main(cli(tmp_path, fake_mnist, "--epochs", "1"))))
+    thread.start(), thread.join()
+    assert results and results[0]["epochs"] == 1
 
 
 # ---------------------------------------------------------------------------
