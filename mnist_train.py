@@ -582,10 +582,9 @@ def report(epoch, epochs, train_loss, test_loss, accuracy, seconds, images):
 def finish(run, model, loss_fn, test_set, history):
     """Say where the model errs, save the trained weights (step 6), say where; return the final metrics.
     Without training (--epochs 0 --load) only evaluate: the test metrics, the whole confusion matrix."""
-    if history:
-        test_loss, accuracy = history[-1]["test_loss"], history[-1]["test_accuracy"]
-    else:  # only evaluating, or resumed a run that had already finished
-        test_loss, accuracy = evaluate(model, iterate_batches(*test_set, EVAL_BATCH_SIZE), loss_fn)
+    # The last epoch's test metrics; with none trained here (only evaluating, or a finished run resumed), evaluate.
+    test_loss, accuracy = ((history[-1]["test_loss"], history[-1]["test_accuracy"]) if history
+                           else evaluate(model, iterate_batches(*test_set, EVAL_BATCH_SIZE), loss_fn))
     if not run.training:
         print(f"test loss {test_loss:.4f}  test accuracy {100 * accuracy:.2f}% ({run.args.load}, not trained)")
     confusion = confusion_matrix(model, iterate_batches(*test_set, EVAL_BATCH_SIZE))
@@ -612,8 +611,8 @@ def class_report(confusion, whole_matrix=False):
              "most confused (true->predicted): " + (", ".join(worst) or "none")]  # fmt: skip
     if whole_matrix:
         width = len(str(int(confusion.max()))) + 2
-        lines += ["confusion matrix, rows the true digit, columns the predicted:"]
         rows = [("", range(n)), *enumerate(confusion.tolist())]  # the header of the ten digits, then a row each
+        lines += ["confusion matrix, rows the true digit, columns the predicted:"]
         lines += [f"{t:>2}" + "".join(f"{c:>{width}}" for c in row) for t, row in rows]
     return lines
 
@@ -878,13 +877,9 @@ def one_line_errors(run):
         return
     except KeyboardInterrupt as stop:  # Ctrl-C (which may come before our handler is up), or SIGTERM
         how, status = (str(stop), 143) if str(stop).endswith("SIGTERM") else ("interrupted", 130)
-        if not run.training:
-            line = f"{how} before training began: no file was changed"
-        elif not run.epochs_done:
-            line = f"{how} before the first epoch ended: nothing saved"
-        else:
-            line = f"{how}: {resume_hint(run, 'continue with')}"
-        line = "\n" * (status == 130) + line  # after Ctrl-C the terminal shows ^C mid-line: start on a fresh one
+        saved = " before training began: no file was changed"
+        saved = f": {resume_hint(run, 'continue with')}" if run.training else saved
+        line = ("\n" if status == 130 else "") + how + saved  # after Ctrl-C, ^C shows mid-line: start on a fresh one
     except UserError as error:
         line, status = f"error: {error}", 1
     except RuntimeError as error:
@@ -1151,9 +1146,9 @@ def torchrun_processes(args):
         yield Run(args)
         return
     rank, per_node = int(os.environ["RANK"]), os.environ.get("LOCAL_WORLD_SIZE", "1")
-    launcher = "torchrun [your torchrun options]"  # several machines; on one, the line that starts the job again:
-    if os.environ.get("GROUP_WORLD_SIZE", "1") == "1":
-        launcher = f"torchrun --standalone --nproc_per_node={per_node}"
+    # What starts the same job again: on one machine, this line; on several, the user's own options.
+    standalone = f"torchrun --standalone --nproc_per_node={per_node}"
+    launcher = standalone if os.environ.get("GROUP_WORLD_SIZE", "1") == "1" else "torchrun [your torchrun options]"
     run = Run(args, rank, int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]), launcher, rank == 0)
     # NCCL moves CUDA tensors between GPUs; gloo moves CPU tensors, and needs no GPU at all.
     dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
