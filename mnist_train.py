@@ -36,6 +36,7 @@ import argparse
 import contextlib
 import dataclasses
 import errno
+import itertools
 import math
 import os
 import shlex
@@ -552,9 +553,10 @@ def make_epoch_trainer(run, settings, model, loss_fn, optimizer, scheduler, gene
     if dist.is_initialized():
         # DDP wraps the very model (no copy) and averages the processes' gradients in backward().
         model = nn.parallel.DistributedDataParallel(model, device_ids=[x.device.index] if x.is_cuda else None)
-        loss_fn = part_loss(loss_fn)
-    # How many samples this process trains per epoch: its part of each batch (all of them, alone).
-    count = sum(len(batch.tensor_split(run.world_size)[run.rank]) for batch in torch.arange(len(x)).split(batch_size))
+        # Each batch's size in the order iterate_batches yields them, and this process's samples per epoch.
+        sizes = [min(batch_size, len(x) - start) for start in range(0, len(x), batch_size)]
+        count = sum(len(torch.arange(size).tensor_split(run.world_size)[run.rank]) for size in sizes)
+        loss_fn = part_loss(loss_fn, sizes)
 
     def train(label):
         start = time.perf_counter()
@@ -848,10 +850,13 @@ class Run:
     world_size: int = 1
     local_rank: int = 0  # its index on this machine: also its GPU
     launcher: str = "python"  # what starts the same job again, before the script's name
-    master_process: bool = True  # nanoGPT's name for rank 0: the process that prints and writes files
     training: bool = False  # True once the epochs are about to begin; never with --epochs 0
     epochs: int = 0  # the run's total
     epochs_done: int = 0  # the epoch --checkpoint holds for this run
+
+    @property
+    def master_process(self):  # nanoGPT's name for rank 0: the process that prints and writes files
+        return self.rank == 0
 
 
 @contextlib.contextmanager
@@ -900,18 +905,19 @@ def one_line_errors(run):
 def resume_hint(run, go_on=None, failed=None):
     """What --checkpoint holds of this run and, given `go_on`, the command that goes on from it, ready to
     paste. If the final save of the model `failed`, how to save it from the checkpoint instead."""
-    args, defaults, flags = run.args, parse_args([]), ["--resume"]
+    args, flags = run.args, ["--resume"]
+    if not run.epochs_done:
+        return "nothing was saved"
+    if not os.path.exists(args.checkpoint):
+        return f"{args.checkpoint} is gone as well: nothing of this run is left"
     script = sys.argv[0] if os.path.basename(sys.argv[0]) == os.path.basename(__file__) else os.path.basename(__file__)
+    defaults = parse_args([])
     for name in ("checkpoint", "data_dir", "save", "device"):  # the flags that differ; the checkpoint holds the rest
         if getattr(args, name) != getattr(defaults, name):
             flags += ["--" + name.replace("_", "-"), str(getattr(args, name))]
     flags += ["--epochs", str(args.epochs)] if args.epochs is not None else []
     flags += ["--cuda-graph"] if args.cuda_graph else []
     resume = f"{run.launcher} {shlex.join([script, *flags])}"
-    if not run.epochs_done:
-        return "nothing was saved"
-    if not os.path.exists(args.checkpoint):
-        return f"{args.checkpoint} is gone as well: nothing of this run is left"
     if failed:
         evaluate_it = f"python {shlex.join([script, '--epochs', '0', '--load', args.checkpoint])}"
         return (f"{args.checkpoint} holds the finished run: once that is fixed, save {args.save} from it with: "
@@ -1149,7 +1155,7 @@ def torchrun_processes(args):
     # What starts the same job again: on one machine, this line; on several, the user's own options.
     standalone = f"torchrun --standalone --nproc_per_node={per_node}"
     launcher = standalone if os.environ.get("GROUP_WORLD_SIZE", "1") == "1" else "torchrun [your torchrun options]"
-    run = Run(args, rank, int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]), launcher, rank == 0)
+    run = Run(args, rank, int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]), launcher)
     # NCCL moves CUDA tensors between GPUs; gloo moves CPU tensors, and needs no GPU at all.
     dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     try:  # one voice: the others' prints go nowhere (print() skips a missing sys.stdout; this file only prints)
@@ -1182,19 +1188,20 @@ def all_start_or_none(run):
             raise SystemExit(1)
 
 
-def part_loss(loss_fn):
+def part_loss(loss_fn, batch_sizes):
     """loss_fn for one process's part of each batch under DDP: the part's mean loss, its gradient
-    weighted by n * world_size / b for a part of n of the batch's b samples.
+    weighted by n * world_size / b for a part of n of the batch's b samples. train_epoch calls it
+    once per batch, in iterate_batches' order: `batch_sizes`, cycled epoch after epoch, gives b.
 
     DDP averages the processes' gradients; so weighted, that average is the whole batch's mean
     gradient, also when b does not split evenly (an odd size; the last batch, even one left empty).
     """
 
+    sizes = itertools.cycle(batch_sizes)  # derived, not all-reduced: no extra collective in each step
+
     def loss_of_part(logits, y):
-        batch = torch.tensor([len(y)])
-        dist.all_reduce(batch)  # b, the whole batch: every process's part, summed
-        # Weight the gradient, not the value: train_epoch's sums stay per sample.
-        logits.register_hook(lambda grad: grad * (len(y) * dist.get_world_size() / batch.item()))
+        weight = len(y) * dist.get_world_size() / next(sizes)
+        logits.register_hook(lambda grad: grad * weight)  # the gradient, not the value: sums stay per sample
         return loss_fn(logits, y) if len(y) else logits.sum()  # an empty part: no loss, zero gradients
 
     return loss_of_part
