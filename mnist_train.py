@@ -397,13 +397,11 @@ def digit_pieces(ink):
     mass = torch.zeros(mask.numel() + 1).index_add_(0, labels.flatten(), weight.flatten())
     mass[0] = 0  # the paper
     sides = (labels[0], labels[-1], labels[:, 0], labels[:, -1])
-    frame = {n for side in sides for n in side.unique().tolist() if n and (side == n).float().mean() >= 0.9}
-    if frame:
-        if mass.sum() == mass[list(frame)].sum():  # nothing but the frame
-            if len([side for side in sides if bool((side > 0).all())]) >= 3:  # a frame, and nothing apart
-                raise ValueError("no digit found apart from the dark frame around the picture: crop the frame off")
-        else:
-            mass[list(frame)] = 0
+    frame = list({n for side in sides for n in side.unique().tolist() if n and (side == n).float().mean() >= 0.9})
+    if mass.sum() > mass[frame].sum():  # drop the frame, unless it is all the ink there is
+        mass[frame] = 0
+    elif frame and sum(bool((side > 0).all()) for side in sides) >= 3:  # a frame, and nothing apart
+        raise ValueError("no digit found apart from the dark frame around the picture: crop the frame off")
     keep = mass >= 0.1 * mass.max()
     keep[0] = False
     pieces = keep[labels].float()
@@ -475,7 +473,7 @@ def main(argv=None):
         run.training, run.epochs, history = args.epochs != 0, settings["epochs"], []
         train_one_epoch = make_epoch_trainer(run, settings, model, loss_fn, optimizer, scheduler, generator, train_set)
         for epoch in range(run.epochs_done + 1, run.epochs + 1 if run.training else 0):
-            train_loss, seconds = train_one_epoch(f"epoch {epoch}/{run.epochs}")
+            train_loss, seconds = train_one_epoch()
             test_loss, accuracy = evaluate(model, iterate_batches(*test_set, EVAL_BATCH_SIZE), loss_fn)
             if not math.isfinite(train_loss + test_loss):  # never train on, or checkpoint, NaN weights
                 raise UserError(f"the loss became {train_loss} (train), {test_loss} (test) in epoch {epoch}: try "
@@ -509,20 +507,20 @@ def resolve_settings(run, device):
             raise UserError(f"{flag} {asked} does not match the checkpoint's {saved[key]}: drop {flag} to resume")
     settings = {key: saved[key] if getattr(args, key) is None else getattr(args, key) for key in DEFAULTS}
     settings["lr"] = settings["lr"] or DEFAULT_LR[settings["optimizer"]]
+    training = args.epochs != 0
     if checkpoint and checkpoint["epoch"] > settings["epochs"]:
-        raise UserError(f"{args.checkpoint} has already trained {checkpoint['epoch']} epochs: "
-                        "ask for more with --epochs")
+        raise UserError(f"{args.checkpoint} has already trained {checkpoint['epoch']} epochs: ask more of --epochs")
     graph_refused = dist.is_initialized() or device.type != "cuda" or settings["optimizer"] != "adam"
-    if args.cuda_graph and args.epochs != 0 and graph_refused:
+    if args.cuda_graph and training and graph_refused:
         raise UserError("--cuda-graph replays each step as one CUDA graph: it runs in one process (DDP all-reduces "
-                        "inside a step), with --optimizer adam (SGD reads no learning rate there), and CUDA graphs "
-                        f"exist only on CUDA devices (this is {device}); drop --cuda-graph, or meet all three")
-    if args.epochs != 0 and settings["batch_size"] < run.world_size:  # every process needs a part of every batch
+                        "inside a step), with --optimizer adam (SGD reads no learning rate there), on a CUDA device "
+                        f"(this is {device}); drop --cuda-graph, or meet all three")
+    if training and settings["batch_size"] < run.world_size:  # every process needs a part of every batch
         raise UserError(f"--batch-size {settings['batch_size']} is smaller than the {run.world_size} processes")
-    if args.epochs != 0 and run.master_process:  # one process writes the files: refuse now, not after an hour
+    if training and run.master_process:  # one process writes the files: refuse now, not after an hour
         check_writable(args.save, "--save")
         check_writable(args.checkpoint, "--checkpoint")
-    if args.epochs != 0 and not args.resume and os.path.exists(args.checkpoint):
+    if training and not args.resume and os.path.exists(args.checkpoint):
         try:  # never overwrite the only copy of an unfinished run, nor a file that isn't ours
             old = read_checkpoint(args.checkpoint, "cpu")
         except UserError as error:
@@ -535,21 +533,17 @@ def resolve_settings(run, device):
 
 def header(settings, device, world_size):
     """The run's first line: what trains, where, and how."""
-    s, processes = settings, f", {world_size} process{'' if world_size == 1 else 'es'} under torchrun"
-    return (f"mnist_train: torch {torch.__version__}, device {device}, seed {s['seed']}, {s['optimizer']} "
-            f"lr {s['lr']:g}, batch {s['batch_size']}, {s['epochs']} epoch{'' if s['epochs'] == 1 else 's'}"
-            + (processes if dist.is_initialized() else ""))
+    s, processes = settings, f", {world_size} processes under torchrun" if dist.is_initialized() else ""
+    return (f"mnist_train: torch {torch.__version__}, device {device}, seed {s['seed']}, {s['optimizer']} lr "
+            f"{s['lr']:g}, batch {s['batch_size']}, {s['epochs']} epoch{'' if s['epochs'] == 1 else 's'}{processes}")
 
 
 def make_epoch_trainer(run, settings, model, loss_fn, optimizer, scheduler, generator, train_set):
-    """Return train(label) -> (mean loss, seconds) of one more epoch: the lesson's train_epoch over this
-    process's part of every batch (all of it, alone), or with --cuda-graph its CUDA-graph twin.
-    None with --epochs 0: nothing trains."""
-    (x, y), batch_size, args = train_set, settings["batch_size"], run.args
-    if not run.training:
-        return None
-    if args.cuda_graph:
-        graphed_train_epoch = make_graphed_train_epoch(model, loss_fn, optimizer, scheduler, x, y, batch_size)
+    """Return train() -> (mean loss, seconds) of one more epoch: the lesson's train_epoch over this
+    process's part of every batch (all of it, alone), or with --cuda-graph its CUDA-graph twin."""
+    (x, y), batch_size, graphed = train_set, settings["batch_size"], None
+    if run.args.cuda_graph and run.training:
+        graphed = make_graphed_train_epoch(model, loss_fn, optimizer, scheduler, x, y, batch_size)
     if dist.is_initialized():
         # DDP wraps the very model (no copy) and averages the processes' gradients in backward().
         model = nn.parallel.DistributedDataParallel(model, device_ids=[x.device.index] if x.is_cuda else None)
@@ -558,12 +552,11 @@ def make_epoch_trainer(run, settings, model, loss_fn, optimizer, scheduler, gene
         count = sum(len(torch.arange(size).tensor_split(run.world_size)[run.rank]) for size in sizes)
         loss_fn = part_loss(loss_fn, sizes)
 
-    def train(label):
+    def train():
         start = time.perf_counter()
-        if args.cuda_graph:
-            return graphed_train_epoch(generator), time.perf_counter() - start
+        if graphed:
+            return graphed(generator), time.perf_counter() - start
         batches = iterate_batches(x, y, batch_size, generator, run.rank, run.world_size)
-        batches = show_progress(batches, label, math.ceil(len(x) / batch_size))
         loss = train_epoch(model, batches, loss_fn, optimizer, scheduler)
         if dist.is_initialized():  # the mean over every process's samples: each reports the same number
             total = torch.tensor([loss * count, count], dtype=torch.float64)
@@ -619,17 +612,6 @@ def class_report(confusion, whole_matrix=False):
     return lines
 
 
-def show_progress(batches, label, total):
-    """Pass `batches` through, redrawing a progress line on stderr when it is a terminal (rank 0's only)."""
-    shown = sys.stderr.isatty() and os.environ.get("RANK", "0") == "0"
-    for done, batch in enumerate(batches, 1):
-        if shown and done % 50 == 0:
-            print(f"\r{label} {done}/{total}", end="", file=sys.stderr, flush=True)
-        yield batch
-    if shown:
-        print("\r" + " " * (len(label) + 2 * len(str(total)) + 2) + "\r", end="", file=sys.stderr)
-
-
 # ---------------------------------------------------------------------------
 # Data: MNIST as tensors on the training device
 # ---------------------------------------------------------------------------
@@ -643,36 +625,45 @@ MNIST_MIRROR = "https://ossci-datasets.s3.amazonaws.com/mnist/"
 
 
 def load_mnist(data_dir, train, device):
-    """Return one MNIST split as (x, y) on `device`: x [N, 1, 28, 28] normalized float32, y [N] int64."""
-    from torchvision import datasets  # here, not at the top: --predict never pays for importing it
+    """Return one MNIST split as (x, y) on `device`: x [N, 1, 28, 28] normalized float32, y [N] int64.
 
+    Reads torchvision's raw files itself, checked (a file from elsewhere is one line, never a crash, and
+    a leftover processed/*.pt is never preferred); torchvision only downloads them when they are missing.
+    """
     raw, split = os.path.join(data_dir, "MNIST", "raw"), "train" if train else "t10k"
-    images, labels = os.path.join(raw, f"{split}-images-idx3-ubyte"), os.path.join(raw, f"{split}-labels-idx1-ubyte")
-    for path, ndim in ((images, 3), (labels, 1)):
-        if not os.path.exists(path):
-            continue  # torchvision downloads it, or says it is missing
-        # An IDX file: bytes 0, 0, 8 (uint8) and the number of dims, each dim as a big-endian uint32, then
-        # the data, filling the rest exactly. torchvision would fail on less, and not say which file.
-        with open(path, "rb") as f:
-            head = f.read(4 + 4 * ndim)
-        dims = [int.from_bytes(head[i : i + 4], "big") for i in range(4, len(head) - 3, 4)]
-        size = len(head) + math.prod(dims)
-        if head[:4] != bytes([0, 0, 8, ndim]) or len(dims) != ndim or size != os.path.getsize(path):
-            raise UserError(f"{path} is truncated or corrupt: delete it and fetch it again from {MNIST_MIRROR}")
-    try:
-        dataset = datasets.MNIST(data_dir, train=train, download=True)
-    except (RuntimeError, OSError) as error:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[-1]
-        raise UserError(f"MNIST is not in {raw} and could not be downloaded ({reason}); offline, put the four "
-                        f"files {', '.join(MNIST_FILES)} there, gunzipped from {MNIST_MIRROR}<name>.gz") from None
-    if len(dataset.targets) != len(dataset.data):
-        raise UserError(f"{labels} holds {len(dataset.targets)} labels for {len(dataset.data)} images in {images}")
-    if dataset.targets.max() > 9:
-        raise UserError(f"{labels} has labels above 9: corrupt")
+    images, labels = (os.path.join(raw, f"{split}-{kind}-ubyte") for kind in ("images-idx3", "labels-idx1"))
+    if not (os.path.exists(images) and os.path.exists(labels)):
+        from torchvision import datasets  # here, not at the top: --predict never pays for importing it
+
+        try:
+            datasets.MNIST(data_dir, train=train, download=True)
+        except (RuntimeError, OSError) as error:
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[-1]
+            raise UserError(f"MNIST is not in {raw} and could not be downloaded ({reason}); offline, put the four "
+                            f"files {', '.join(MNIST_FILES)} there, gunzipped from {MNIST_MIRROR}<name>.gz") from None
+    x, y = read_idx(images, 3), read_idx(labels, 1)
+    for wrong, why in ((x.shape[1:] != (28, 28), f"{images} holds {tuple(x.shape[1:])} images, not MNIST's 28x28"),
+                       (len(y) != len(x), f"{labels} holds {len(y)} labels for {len(x)} images in {images}"),
+                       (bool(y.max() > 9), f"{labels} has labels above 9: corrupt")):  # fmt: skip
+        if wrong:
+            raise UserError(why)
     # Move the uint8 pixels first (4x less to copy), then scale on the device exactly as
     # ToTensor (/255) followed by Normalize(MNIST_MEAN, MNIST_STD) would.
-    x = dataset.data.to(device).float().div(255).sub(MNIST_MEAN).div(MNIST_STD).unsqueeze(1)
-    return x, dataset.targets.to(device)
+    x = x.to(device).float().div(255).sub(MNIST_MEAN).div(MNIST_STD).unsqueeze(1)
+    return x, y.long().to(device)
+
+
+def read_idx(path, ndim):
+    """An IDX file (MNIST's format) as a uint8 tensor: bytes 0, 0, 8 (uint8) and `ndim`, each dim as a
+    big-endian uint32, then the data, filling the rest exactly; anything else, one line naming the file."""
+    with reading(path, "an MNIST file"), open(path, "rb") as f:
+        head, size = f.read(4 + 4 * ndim), os.fstat(f.fileno()).st_size
+        dims = [int.from_bytes(head[i : i + 4], "big") for i in range(4, len(head) - 3, 4)]
+        fits = head[:4] == bytes([0, 0, 8, ndim]) and len(dims) == ndim and size == len(head) + math.prod(dims)
+        data = bytearray(f.read()) if fits else None
+    if not data:  # also a file of no images: nothing to train or test on
+        raise UserError(f"{path} is truncated or corrupt: delete it and fetch it again from {MNIST_MIRROR}")
+    return torch.frombuffer(data, dtype=torch.uint8).view(dims)
 
 
 def iterate_batches(x, y, batch_size, generator=None, rank=0, world_size=1):
@@ -902,9 +893,9 @@ def one_line_errors(run):
     raise SystemExit(status)
 
 
-def resume_hint(run, go_on=None, failed=None):
+def resume_hint(run, go_on=None):
     """What --checkpoint holds of this run and, given `go_on`, the command that goes on from it, ready to
-    paste. If the final save of the model `failed`, how to save it from the checkpoint instead."""
+    paste (after the last epoch, resuming saves the model from the checkpoint)."""
     args, flags = run.args, ["--resume"]
     if not run.epochs_done:
         return "nothing was saved"
@@ -917,13 +908,8 @@ def resume_hint(run, go_on=None, failed=None):
             flags += ["--" + name.replace("_", "-"), str(getattr(args, name))]
     flags += ["--epochs", str(args.epochs)] if args.epochs is not None else []
     flags += ["--cuda-graph"] if args.cuda_graph else []
-    resume = f"{run.launcher} {shlex.join([script, *flags])}"
-    if failed:
-        evaluate_it = f"python {shlex.join([script, '--epochs', '0', '--load', args.checkpoint])}"
-        return (f"{args.checkpoint} holds the finished run: once that is fixed, save {args.save} from it with: "
-                f"{resume} (or evaluate it as it is: {evaluate_it})")
     held = f"{args.checkpoint} holds epoch {run.epochs_done} of {run.epochs}"
-    return f"{held}; {go_on}: {resume}" if go_on else held
+    return f"{held}; {go_on}: {run.launcher} {shlex.join([script, *flags])}" if go_on else held
 
 
 # ---------------------------------------------------------------------------
@@ -1083,11 +1069,8 @@ def writing(run, path):
         reasons = {errno.ENOSPC: "no space left on the device", errno.EROFS: "the filesystem is read-only",
                    errno.ENOENT: f"the folder {os.path.dirname(os.path.abspath(path))} no longer exists",
                    errno.EACCES: "permission denied", errno.EPERM: "permission denied"}  # fmt: skip
-        line = f"could not write {path}: {reasons.get(error.errno, error.strerror or str(error))}"
-        if path == run.args.save:  # the last write: the checkpoint holds the finished run
-            line += f" (the {path} already there is unchanged)" if os.path.exists(path) else ""
-            raise UserError(f"{line}; {resume_hint(run, failed=path)}") from None
-        raise UserError(f"{line}; {resume_hint(run, 'once that is fixed, continue with')}") from None
+        why, hint = reasons.get(error.errno, error.strerror or str(error)), resume_hint(run, "once fixed, continue with")
+        raise UserError(f"could not write {path}: {why}; {hint}") from None
 
 
 def check_writable(path, flag):
@@ -1176,16 +1159,14 @@ def all_start_or_none(run):
     try:
         yield
     except UserError as error:
-        if not dist.is_initialized():
-            raise
         failure = error
+    first_failed = torch.tensor([run.rank if failure else run.world_size])
     if dist.is_initialized():
-        first_failed = torch.tensor([run.rank if failure else run.world_size])
         dist.all_reduce(first_failed, op=dist.ReduceOp.MIN)
+    if first_failed.item() < run.world_size:  # one failed: all stop, and that one says why
         if first_failed.item() == run.rank:
             print(f"error: {failure}", file=sys.stderr)
-        if first_failed.item() < run.world_size:
-            raise SystemExit(1)
+        raise SystemExit(1)
 
 
 def part_loss(loss_fn, batch_sizes):
