@@ -36,7 +36,7 @@ import argparse
 import contextlib
 import dataclasses
 import errno
-import itertools
+import fcntl
 import math
 import os
 import shlex
@@ -46,6 +46,7 @@ import tempfile
 import threading
 import time
 import warnings
+import zipfile
 
 import torch
 import torch.distributed as dist
@@ -441,9 +442,8 @@ def confusion_matrix(model, batches, num_classes=10):
 
 
 def main(argv=None):
-    """Train (or resume, or only evaluate, or read your images) from the command line; return the results:
-    flags -> device -> data -> model, loss, optimizer, schedule -> resume -> for each epoch: train, evaluate,
-    checkpoint, report -> save. Around it, one_line_errors: whatever ends a run early ends it in one line."""
+    """Train (or resume, evaluate, read your images) from the command line; return the results: flags -> device
+    -> data -> model, loss, optimizer, schedule -> resume -> each epoch: train, evaluate, checkpoint, report -> save."""
     args = parse_args(argv)
     with torchrun_processes(args) as run, one_line_errors(run):
         if args.predict:
@@ -466,7 +466,8 @@ def main(argv=None):
             if checkpoint is not None:
                 run.epochs_done = load_checkpoint(checkpoint, args.checkpoint, model, optimizer, scheduler, generator)
                 print(f"resumed from {args.checkpoint} after epoch {run.epochs_done}", flush=True)
-            elif args.load:
+            elif args.load:  # the file checked first (a second read of 440 kB): the lesson's load trusts it
+                read_torch_file(args.load, "cpu")
                 with reading(args.load):
                     load(model, args.load)
         # 5) Step 4, epoch after epoch: train, evaluate, checkpoint, report (with --epochs 0, none).
@@ -498,7 +499,11 @@ EVAL_BATCH_SIZE = 1000  # no gradients are kept, so evaluation can take bigger b
 def resolve_settings(run, device):
     """(settings, checkpoint): each setting the flag's, else the checkpoint's (resuming), else DEFAULTS'.
     Refuses, before any training, what cannot run or would destroy a file."""
-    args = run.args
+    args, training = run.args, run.args.epochs != 0
+    if training and run.master_process:  # one process writes the files: refuse now, not after an hour
+        check_writable(args.save, "--save")
+        check_writable(args.checkpoint, "--checkpoint")
+        run.lock = hold_lock(args.checkpoint)  # one run per checkpoint, until this one ends
     checkpoint = read_checkpoint(args.checkpoint, device) if args.resume else None
     saved = checkpoint["settings"] if checkpoint else DEFAULTS
     for key in DEFAULTS:  # a flag that differs from the checkpoint's: the run could not match (epochs may grow)
@@ -507,7 +512,6 @@ def resolve_settings(run, device):
             raise UserError(f"{flag} {asked} does not match the checkpoint's {saved[key]}: drop {flag} to resume")
     settings = {key: saved[key] if getattr(args, key) is None else getattr(args, key) for key in DEFAULTS}
     settings["lr"] = settings["lr"] or DEFAULT_LR[settings["optimizer"]]
-    training = args.epochs != 0
     if checkpoint and checkpoint["epoch"] > settings["epochs"]:
         raise UserError(f"{args.checkpoint} has already trained {checkpoint['epoch']} epochs: ask more of --epochs")
     graph_refused = dist.is_initialized() or device.type != "cuda" or settings["optimizer"] != "adam"
@@ -517,9 +521,6 @@ def resolve_settings(run, device):
                         f"(this is {device}); drop --cuda-graph, or meet all three")
     if training and settings["batch_size"] < run.world_size:  # every process needs a part of every batch
         raise UserError(f"--batch-size {settings['batch_size']} is smaller than the {run.world_size} processes")
-    if training and run.master_process:  # one process writes the files: refuse now, not after an hour
-        check_writable(args.save, "--save")
-        check_writable(args.checkpoint, "--checkpoint")
     if training and not args.resume and os.path.exists(args.checkpoint):
         try:  # never overwrite the only copy of an unfinished run, nor a file that isn't ours
             old = read_checkpoint(args.checkpoint, "cpu")
@@ -547,21 +548,18 @@ def make_epoch_trainer(run, settings, model, loss_fn, optimizer, scheduler, gene
     if dist.is_initialized():
         # DDP wraps the very model (no copy) and averages the processes' gradients in backward().
         model = nn.parallel.DistributedDataParallel(model, device_ids=[x.device.index] if x.is_cuda else None)
-        # Each batch's size in the order iterate_batches yields them, and this process's samples per epoch.
-        sizes = [min(batch_size, len(x) - start) for start in range(0, len(x), batch_size)]
-        count = sum(len(torch.arange(size).tensor_split(run.world_size)[run.rank]) for size in sizes)
-        loss_fn = part_loss(loss_fn, sizes)
+        # DDP averages the parts' mean gradients: the batch's mean when parts are equal (64 over 2, 4 or 8
+        # processes), nearly so otherwise. An empty part would have no mean at all: refused.
+        if run.training and 0 < len(x) % batch_size < run.world_size:
+            raise UserError("the last batch is smaller than the number of processes: change --batch-size")
 
     def train():
         start = time.perf_counter()
         if graphed:
             return graphed(generator), time.perf_counter() - start
         batches = iterate_batches(x, y, batch_size, generator, run.rank, run.world_size)
+        # Under torchrun, the mean over this process's part (rank 0's is printed, as nanoGPT does).
         loss = train_epoch(model, batches, loss_fn, optimizer, scheduler)
-        if dist.is_initialized():  # the mean over every process's samples: each reports the same number
-            total = torch.tensor([loss * count, count], dtype=torch.float64)
-            dist.all_reduce(total)
-            loss = (total[0] / total[1]).item()
         return loss, time.perf_counter() - start  # train_epoch's .item() waited for the device
 
     return train
@@ -716,9 +714,9 @@ def predict_files(args):
     if not os.path.exists(path):
         raise UserError(f"{path}: no such file: train a model first (python mnist_train.py saves model.pth), "
                         "or give --load PATH")
-    model = build_model(device)
+    read_torch_file(path, "cpu")  # checked first, as main does
     with reading(path):
-        load(model, path)
+        model = load(build_model(device), path)
     for image_path in args.predict:
         try:
             x = prepare_digit(read_image(image_path))
@@ -726,9 +724,8 @@ def predict_files(args):
             print(f"error: {error if isinstance(error, UserError) else f'{image_path}: {error}'}", file=sys.stderr)
             continue
         probabilities = predict(model, x.unsqueeze(0).to(device))[0].cpu()
-        chances, digits = probabilities.topk(3)
-        (d1, d2, d3), (p1, p2, p3) = digits.tolist(), (100 * chances).tolist()
-        print(f"{image_path}: {d1} ({p1:.1f}%), then {d2} ({p2:.1f}%), {d3} ({p3:.1f}%)", flush=True)
+        top = [f"{digit} ({100 * chance:.1f}%)" for chance, digit in zip(*[t.tolist() for t in probabilities.topk(3)])]
+        print(f"{image_path}: {top[0]}, then {top[1]}, {top[2]}", flush=True)
         answers.append((image_path, probabilities))
     if len(answers) < len(args.predict):
         raise SystemExit(1)
@@ -788,6 +785,7 @@ def parse_args(argv=None):
         (args.predict and given, f"--predict trains nothing: drop {given[0] if given else ''}"),
         (args.predict and "RANK" in os.environ, "--predict reads a few images in one process: run it with python"),
         (args.resume and args.load, "--resume and --load exclude each other: --resume already restores the weights"),
+        (os.path.realpath(args.save) == os.path.realpath(args.checkpoint), "--save and --checkpoint must differ"),
         (args.epochs == 0 and not args.load and not args.predict, "--epochs 0 trains nothing: use it with --load PATH "
                                                                   "to evaluate saved weights"),
     ):  # fmt: skip
@@ -797,26 +795,23 @@ def parse_args(argv=None):
 
 
 def pick_device(name="auto", local_rank=0):
-    """The torch.device for `name`: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.
-
-    Never a silent fallback to the CPU: a user who asked for a GPU wants to know. Under torchrun,
-    auto and cuda mean this process's own GPU, cuda:LOCAL_RANK.
+    """The torch.device for `name`: auto (this machine's accelerator, CUDA or MPS, else the CPU), cpu, cuda,
+    cuda:N or mps. Never a silent fallback to the CPU: a user who asked for a GPU wants to know. Under
+    torchrun, auto and cuda mean this process's own GPU, cuda:LOCAL_RANK.
     """
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    device = torch.device(name)
-    count, several = torch.cuda.device_count() if torch.cuda.is_available() else 0, dist.is_initialized()
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"--device {name}: MPS (Apple GPU) is not available here; use --device cpu")
+    if name == "auto":  # check_available: a CUDA build of torch on a machine without a GPU says None
+        name = str(torch.accelerator.current_accelerator(check_available=True) or "cpu")
+    device, several = torch.device(name), dist.is_initialized()
     if several and (device.type == "mps" or device.index is not None):
         raise UserError(f"--device {name}: under torchrun each process takes its own GPU, cuda:LOCAL_RANK (and "
                         "torch.distributed has no backend for MPS): use --device cuda, or cpu")  # fmt: skip
-    if device.type == "cuda" and count == 0:
-        raise UserError(f"--device {name}: CUDA is not available here (torch {torch.__version__}); use --device cpu")
     device = torch.device("cuda", local_rank) if device.type == "cuda" and several else device
-    if device.type == "cuda" and (device.index or 0) >= count:
-        raise UserError(f"--device {name}: cuda:{device.index} is needed, but {count} CUDA device(s) are visible"
-                        + (" (start at most that many processes: --nproc_per_node)" if several else ""))
+    count = {"cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available())}.get(device.type, 1)
+    if (device.index or 0) >= count:
+        kind = {"cuda": "CUDA", "mps": "MPS (Apple GPU)"}[device.type]
+        why = f"{kind} is not available here (torch {torch.__version__}); use --device cpu" if not count else \
+            f"{device} is needed, but {count} CUDA device(s) are visible (start at most that many processes)"
+        raise UserError(f"--device {name}: {why}")
     if device.type == "cuda" and several:
         torch.cuda.set_device(device)  # where NCCL and DDP work for this process
     return device
@@ -840,10 +835,10 @@ class Run:
     rank: int = 0  # 0 to world_size - 1, over all machines
     world_size: int = 1
     local_rank: int = 0  # its index on this machine: also its GPU
-    launcher: str = "python"  # what starts the same job again, before the script's name
     training: bool = False  # True once the epochs are about to begin; never with --epochs 0
     epochs: int = 0  # the run's total
     epochs_done: int = 0  # the epoch --checkpoint holds for this run
+    lock: int = None  # the descriptor holding --checkpoint's lock (rank 0, training)
 
     @property
     def master_process(self):  # nanoGPT's name for rank 0: the process that prints and writes files
@@ -852,30 +847,26 @@ class Run:
 
 @contextlib.contextmanager
 def one_line_errors(run):
-    """Within the block, whatever ends the run early ends it with one line on stderr.
-
-    A problem the user can fix (UserError) exits with 1, Ctrl-C with 130 and SIGTERM with 143: SIGTERM
-    is how Slurm, docker stop, Kubernetes and torchrun stop a process, and Python's default dies on
-    the spot, saying nothing of what was saved or how to go on.
-    """
+    """Within the block, whatever ends the run early ends it with one line on stderr: a problem the user can
+    fix (UserError) with status 1; Ctrl-C, SIGTERM (how Slurm, docker and torchrun stop a process; Python's
+    default dies saying nothing) with 128 + the signal's number."""
 
     def stop(signum, frame):
-        # One is enough: later ones (under torchrun, Ctrl-C comes from the terminal and again
-        # from torchrun) are ignored, so they cannot break into the message about the first.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise KeyboardInterrupt("terminated by SIGTERM" if signum == signal.SIGTERM else "interrupted")
+        # One is enough: later ones (under torchrun, Ctrl-C comes from the terminal and again from torchrun)
+        for number in signals:  # are ignored, so they cannot break into the message about the first.
+            signal.signal(number, signal.SIG_IGN)
+        raise KeyboardInterrupt(signum)
 
     signals = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
-    previous = {number: signal.signal(number, stop) for number in signals}  # only the main thread can take them
+    previous = {number: signal.signal(number, stop) for number in signals}
     try:
         yield
         return
     except KeyboardInterrupt as stop:  # Ctrl-C (which may come before our handler is up), or SIGTERM
-        how, status = (str(stop), 143) if str(stop).endswith("SIGTERM") else ("interrupted", 130)
-        saved = " before training began: no file was changed"
-        saved = f": {resume_hint(run, 'continue with')}" if run.training else saved
-        line = ("\n" if status == 130 else "") + how + saved  # after Ctrl-C, ^C shows mid-line: start on a fresh one
+        signum = stop.args[0] if stop.args else signal.SIGINT
+        how = "\ninterrupted" if signum == signal.SIGINT else f"terminated by {signal.Signals(signum).name}"
+        safe = resume_hint(run, "continue with") if run.training else "before training began: no file was changed"
+        line, status = how + (": " if run.training else " ") + safe, 128 + signum  # "\n": a fresh line after ^C
     except UserError as error:
         line, status = f"error: {error}", 1
     except RuntimeError as error:
@@ -909,7 +900,10 @@ def resume_hint(run, go_on=None):
     flags += ["--epochs", str(args.epochs)] if args.epochs is not None else []
     flags += ["--cuda-graph"] if args.cuda_graph else []
     held = f"{args.checkpoint} holds epoch {run.epochs_done} of {run.epochs}"
-    return f"{held}; {go_on}: {run.launcher} {shlex.join([script, *flags])}" if go_on else held
+    # What starts the same job again: python; under torchrun on one machine, this line; on several, the user's own.
+    launcher = "python" if not dist.is_initialized() else f"torchrun --standalone --nproc_per_node={run.world_size}" \
+        if os.environ.get("GROUP_WORLD_SIZE", "1") == "1" else "torchrun [your torchrun options]"
+    return f"{held}; {go_on}: {launcher} {shlex.join([script, *flags])}" if go_on else held
 
 
 # ---------------------------------------------------------------------------
@@ -931,11 +925,11 @@ def save_checkpoint(path, model, optimizer, scheduler, generator, epoch, setting
 
 def read_checkpoint(path, device):
     """Read a checkpoint written by save_checkpoint, checking that it is one."""
-    with reading(path, "a checkpoint"):
-        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    checkpoint = read_torch_file(path, device, "a checkpoint")
     parts = {"model", "optimizer", "scheduler", "epoch", "rng", "settings"}
     if not (isinstance(checkpoint, dict) and parts <= checkpoint.keys() and isinstance(checkpoint["epoch"], int)
-            and isinstance(checkpoint["settings"], dict) and DEFAULTS.keys() <= checkpoint["settings"].keys()):
+            and checkpoint["epoch"] >= 0 and isinstance(checkpoint["settings"], dict)
+            and DEFAULTS.keys() <= checkpoint["settings"].keys() and checkpoint["settings"]["optimizer"] in DEFAULT_LR):
         raise UserError(f"{path} is not a checkpoint of this script (weights only? start from them with --load)")
     return checkpoint
 
@@ -948,6 +942,14 @@ def load_checkpoint(checkpoint, path, model, optimizer, scheduler, generator):
     """
     with reading(path, "a checkpoint"):  # the weights: each tensor that does not fit, named
         model.load_state_dict(checkpoint["model"])
+    # Each moment the shape of its parameter (the step count a number): the fused step would write past one
+    # of another shape, and crash the process.
+    with reading(path, "a checkpoint"):
+        for index, state in checkpoint["optimizer"]["state"].items():
+            check_tensors(path, {f"optimizer state {index} {name}": t for name, t in state.items()})
+            shape = [p for group in optimizer.param_groups for p in group["params"]][index].shape
+            if any(t.shape != (() if name == "step" else shape) for name, t in state.items()):
+                raise UserError(f"{path}: the optimizer state for parameter {index} does not fit its shape")
     try:
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
@@ -1069,15 +1071,15 @@ def writing(run, path):
         reasons = {errno.ENOSPC: "no space left on the device", errno.EROFS: "the filesystem is read-only",
                    errno.ENOENT: f"the folder {os.path.dirname(os.path.abspath(path))} no longer exists",
                    errno.EACCES: "permission denied", errno.EPERM: "permission denied"}  # fmt: skip
-        why, hint = reasons.get(error.errno, error.strerror or str(error)), resume_hint(run, "once fixed, continue with")
+        why, hint = reasons.get(error.errno, error.strerror or error), resume_hint(run, "once fixed, continue with")
         raise UserError(f"could not write {path}: {why}; {hint}") from None
 
 
 def check_writable(path, flag):
     """Raise UserError now, before any training, if `path` cannot be written."""
     folder = os.path.dirname(os.path.realpath(path))
-    if os.path.isdir(path):
-        raise UserError(f"{flag} {path} is a folder: give a file name")
+    if os.path.exists(path) and not os.path.isfile(path):  # a folder, a pipe, a device: never replaced
+        raise UserError(f"{flag} {path} is {'a folder' if os.path.isdir(path) else 'not a regular file'}: name a file")
     try:
         tempfile.TemporaryFile(dir=folder).close()  # a file beside it, as atomic_save will make
     except OSError as error:
@@ -1085,12 +1087,55 @@ def check_writable(path, flag):
         raise UserError(f"{flag} {path} cannot be written: {why}") from None
 
 
+def read_torch_file(path, device, what="a saved model"):
+    """torch.load(path, weights_only=True) of a file checked first: a zip as torch.save writes it (since torch
+    1.6), every entry stored, not compressed, and none larger than the file. A deflated entry could inflate a
+    1 MB file to gigabytes in memory before torch checks anything (the older, non-zip format could ask for any
+    size too): so memory stays within the file's size."""
+    with reading(path, what):
+        with zipfile.ZipFile(path) as archive:  # not a zip: "not a PyTorch file"
+            entries = archive.infolist()
+        if any(e.compress_type != zipfile.ZIP_STORED for e in entries) or sum(e.file_size for e in entries) > \
+                os.path.getsize(path):
+            raise UserError(f"{path} holds compressed entries (torch.save writes none): refused, they could inflate")
+        obj = torch.load(path, map_location=device, weights_only=True)
+    check_tensors(path, obj["model"] if isinstance(obj, dict) and isinstance(obj.get("model"), dict) else obj)
+    return obj
+
+
+def check_tensors(path, tensors):
+    """Raise UserError unless each of the named `tensors` is a finite floating-point tensor in plain memory:
+    integer weights would load converted, NaN ones answer NaN, meta or sparse ones crash, as would an optimizer
+    moment of another shape (the fused step writes past it), so the shapes are checked by the caller."""
+    for name, t in tensors.items() if isinstance(tensors, dict) else ():
+        if not (torch.is_tensor(t) and t.is_floating_point() and t.layout == torch.strided and t.device.type != "meta"
+                and bool(t.isfinite().all())):
+            raise UserError(f"{path}: {name} is not a finite floating-point tensor: refused")
+
+
+def hold_lock(path):
+    """Lock `path`.lock (flock: the kernel lets go when this process ends, also when killed); return the open
+    descriptor, which holds the lock until closed. Another run holding it: one line."""
+    try:
+        handle = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)  # never through a planted link
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (refused: the descriptor stays open, a small leak)
+        return handle
+    except BlockingIOError:
+        raise UserError(f"another run is using {path} (it holds {path}.lock): let it end, or give another --checkpoint")
+    except OSError as error:
+        raise UserError(f"cannot lock {path}.lock: {error.strerror}") from None
+
+
 @contextlib.contextmanager
 def reading(path, what="a saved model"):
     """Within the block, what reading `path` raises (torch.load, load_state_dict, Pillow) is a UserError:
     one line naming the file and what is wrong with it."""
+    if os.path.exists(path) and not (os.path.isfile(path) or os.path.isdir(path)):  # a FIFO blocks, /dev/zero: endless
+        raise UserError(f"{path} is not a regular file (a pipe or a device?): give a file")
     try:
         yield
+    except UserError:
+        raise
     except Exception as error:
         text, empty = " ".join(str(error).split()), os.path.isfile(path) and os.path.getsize(path) == 0
         reasons = (  # the first that holds
@@ -1129,23 +1174,21 @@ def reading(path, what="a saved model"):
 
 @contextlib.contextmanager
 def torchrun_processes(args):
-    """Yield this process's Run; under torchrun (it sets RANK, WORLD_SIZE, LOCAL_RANK and where to meet,
-    MASTER_ADDR), with the process group up. Without all four, one process runs alone."""
-    if not all(name in os.environ for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")):
-        yield Run(args)
-        return
-    rank, per_node = int(os.environ["RANK"]), os.environ.get("LOCAL_WORLD_SIZE", "1")
-    # What starts the same job again: on one machine, this line; on several, the user's own options.
-    standalone = f"torchrun --standalone --nproc_per_node={per_node}"
-    launcher = standalone if os.environ.get("GROUP_WORLD_SIZE", "1") == "1" else "torchrun [your torchrun options]"
-    run = Run(args, rank, int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]), launcher)
-    # NCCL moves CUDA tensors between GPUs; gloo moves CPU tensors, and needs no GPU at all.
-    dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    """Yield this process's Run, and end it: under torchrun (it sets RANK, WORLD_SIZE, LOCAL_RANK and where
+    to meet, MASTER_ADDR), with the process group up. Without all four, one process runs alone."""
+    env, run = os.environ, Run(args)
+    if all(name in env for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")):
+        run = Run(args, int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]))
+        # NCCL moves CUDA tensors between GPUs; gloo moves CPU tensors, and needs no GPU at all.
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     try:  # one voice: the others' prints go nowhere (print() skips a missing sys.stdout; this file only prints)
         with contextlib.redirect_stdout(sys.stdout if run.master_process else None):
             yield run
     finally:
-        dist.destroy_process_group()
+        if run.lock is not None:
+            os.close(run.lock)  # lets go of --checkpoint's lock
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 @contextlib.contextmanager
@@ -1167,25 +1210,6 @@ def all_start_or_none(run):
         if first_failed.item() == run.rank:
             print(f"error: {failure}", file=sys.stderr)
         raise SystemExit(1)
-
-
-def part_loss(loss_fn, batch_sizes):
-    """loss_fn for one process's part of each batch under DDP: the part's mean loss, its gradient
-    weighted by n * world_size / b for a part of n of the batch's b samples. train_epoch calls it
-    once per batch, in iterate_batches' order: `batch_sizes`, cycled epoch after epoch, gives b.
-
-    DDP averages the processes' gradients; so weighted, that average is the whole batch's mean
-    gradient, also when b does not split evenly (an odd size; the last batch, even one left empty).
-    """
-
-    sizes = itertools.cycle(batch_sizes)  # derived, not all-reduced: no extra collective in each step
-
-    def loss_of_part(logits, y):
-        weight = len(y) * dist.get_world_size() / next(sizes)
-        logits.register_hook(lambda grad: grad * weight)  # the gradient, not the value: sums stay per sample
-        return loss_fn(logits, y) if len(y) else logits.sum()  # an empty part: no loss, zero gradients
-
-    return loss_of_part
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+import zipfile
 from unittest import mock
 
 import pytest
@@ -847,8 +848,8 @@ def test_resume_from_a_damaged_checkpoint_is_a_clear_error(damage, fake_mnist, t
 
 
 def test_resume_from_a_model_file_says_it_is_not_a_checkpoint(fake_mnist, tmp_path, capsys):
-    mt.save(mt.build_model(), tmp_path / "model.pth")
-    argv = cli(tmp_path, fake_mnist, "--resume", "--checkpoint", str(tmp_path / "model.pth"))
+    mt.save(mt.build_model(), tmp_path / "weights.pth")
+    argv = cli(tmp_path, fake_mnist, "--resume", "--checkpoint", str(tmp_path / "weights.pth"))
     status, err = run_main_expecting_exit(argv, capsys)
     assert status == 1 and "is not a checkpoint of this script" in err
 
@@ -1195,7 +1196,7 @@ def test_torchrun_with_two_processes_follows_one_process(tmp_path):
     data_dir = write_uneven_mnist(tmp_path / "data")
     two, one = tmp_path / "two", tmp_path / "one"
     two.mkdir(), one.mkdir()
-    flags = ["--epochs", "2", "--batch-size", "31"]
+    flags = ["--epochs", "2", "--batch-size", "32"]  # 94 images: batches of 32 and a last of 30, split evenly
     done, _ = torchrun(tmp_path, cli(two, data_dir, *flags))
     assert done.returncode == 0, done.stderr
 
@@ -1281,10 +1282,10 @@ def test_under_torchrun_mps_and_the_cuda_graph_are_refused_with_a_reason(monkeyp
     monkeypatch.setattr(mt.dist, "is_initialized", lambda: True)  # as under torchrun
     with pytest.raises(mt.UserError, match="torch.distributed has no backend for MPS"):
         mt.pick_device("mps", local_rank=1)
-    run = mt.Run(mt.parse_args(["--cuda-graph"]), rank=0, world_size=2, local_rank=0, launcher="torchrun")
+    run = mt.Run(mt.parse_args(["--cuda-graph"]), rank=1, world_size=2, local_rank=0)
     with pytest.raises(mt.UserError, match="--cuda-graph replays each step as one CUDA graph: it runs in one process"):
         mt.resolve_settings(run, torch.device("cuda"))
-    run = mt.Run(mt.parse_args(["--batch-size", "1"]), rank=0, world_size=2, local_rank=0, launcher="torchrun")
+    run = mt.Run(mt.parse_args(["--batch-size", "1"]), rank=1, world_size=2, local_rank=0)
     with pytest.raises(mt.UserError, match="--batch-size 1 is smaller than the 2 processes"):
         mt.resolve_settings(run, torch.device("cpu"))
 
@@ -1605,3 +1606,64 @@ def test_real_mnist_digits_drawn_as_users_pictures_are_read(real_mnist_seed_0, t
             x = mt.prepare_digit(mt.read_image(path))
             correct[codec] += int(mt.predict(model, x[None]).argmax()) == label
     assert min(correct.values()) >= 970, correct
+
+
+# ---------------------------------------------------------------------------
+# Hostile files and shared machines (issue 15)
+# ---------------------------------------------------------------------------
+
+
+def test_an_adam_moment_of_another_shape_is_refused_not_a_crash(fake_mnist, tmp_path, capsys):
+    mt.main(cli(tmp_path, fake_mnist, "--epochs", "1"))
+    checkpoint = torch.load(tmp_path / "checkpoint.pt")
+    checkpoint["optimizer"]["state"][0]["exp_avg"] = torch.zeros(3)  # the fused step would write past it
+    torch.save(checkpoint, tmp_path / "checkpoint.pt")
+    status, err = run_main_expecting_exit(cli(tmp_path, fake_mnist, "--resume", "--epochs", "2"), capsys)
+    assert status == 1 and "the optimizer state for parameter 0 does not fit its shape" in err and err.count("\n") == 1
+
+
+def test_a_compressed_model_file_is_refused_before_it_is_inflated(tmp_path):
+    mt.save(mt.build_model(), tmp_path / "model.pth")
+    with zipfile.ZipFile(tmp_path / "model.pth") as stored, zipfile.ZipFile(tmp_path / "bomb.pth", "w") as bomb:
+        for entry in stored.infolist():  # the same entries, deflated: a zip bomb's shape
+            bomb.writestr(entry.filename, stored.read(entry), compress_type=zipfile.ZIP_DEFLATED)
+    with pytest.raises(mt.UserError, match="holds compressed entries"):
+        mt.read_torch_file(tmp_path / "bomb.pth", "cpu")
+
+
+@pytest.mark.parametrize("weights", [torch.full((10, 64), float("nan")), torch.ones(10, 64, dtype=torch.int64)])
+def test_weights_that_are_not_finite_floats_are_refused(weights, fake_mnist, tmp_path, capsys):
+    torch.save({**mt.Net().state_dict(), "fc3.weight": weights}, tmp_path / "odd.pth")
+    status, err = run_main_expecting_exit(cli(tmp_path, fake_mnist, "--epochs", "0", "--load", str(tmp_path / "odd.pth")), capsys)
+    assert status == 1 and "fc3.weight is not a finite floating-point tensor" in err
+
+
+def test_a_second_run_on_the_same_checkpoint_is_refused(fake_mnist, tmp_path, capsys):
+    held = mt.hold_lock(str(tmp_path / "checkpoint.pt"))  # as another run would
+    try:
+        status, err = run_main_expecting_exit(cli(tmp_path, fake_mnist, "--epochs", "1"), capsys)
+    finally:
+        os.close(held)
+    assert status == 1 and "another run is using" in err and not os.path.exists(tmp_path / "model.pth")
+    mt.main(cli(tmp_path, fake_mnist, "--epochs", "1"))  # once it has ended, the lock is free
+
+
+@pytest.mark.skipif(os.name != "posix", reason="FIFOs")
+def test_a_pipe_given_as_a_file_is_refused_not_waited_on(tmp_path):
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(mt.UserError, match="is not a regular file"):
+        mt.read_image(tmp_path / "pipe")
+
+
+@pytest.mark.parametrize("images", [torch.zeros(5, 32, 32, dtype=torch.uint8), torch.zeros(0, 28, 28, dtype=torch.uint8)])
+def test_mnist_files_of_other_sizes_or_no_images_are_one_line(images, fake_mnist, tmp_path, capsys):
+    raw = os.path.join(fake_mnist, "MNIST", "raw")
+    write_idx(os.path.join(raw, "t10k-images-idx3-ubyte"), images)
+    write_idx(os.path.join(raw, "t10k-labels-idx1-ubyte"), torch.zeros(len(images), dtype=torch.uint8))
+    status, err = run_main_expecting_exit(cli(tmp_path, fake_mnist), capsys)
+    assert status == 1 and err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_save_and_checkpoint_on_the_same_file_is_a_usage_error(capsys):
+    status, err = run_main_expecting_exit(["--save", "x.pt", "--checkpoint", "x.pt"], capsys)
+    assert status == 2 and "--save and --checkpoint must differ" in err
