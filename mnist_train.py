@@ -15,13 +15,12 @@ functions you can read top to bottom and copy one at a time into your own projec
 The lesson comes first and holds nothing else: cut the file at the end of any step and what
 is above it runs on its own. Then `main`, the run as a story. Then the machinery that feeds
 and protects it: MNIST as tensors on the device, your own images, the command line, stopping
-early, checkpoints, the opt-in CUDA-graph step (--cuda-graph), files, and torchrun.
+early, checkpoints, files, and torchrun.
 
 Result, measured (5 epochs, defaults, torch 2.14.1, CPU only): seeds 0, 1, 2 reach 98.40%,
 98.33% and 98.14% test accuracy on a 2-core AMD EPYC VM (0.5 s per epoch), and 98.24%,
 98.27% and 98.16% on a 2-core Intel Xeon VM (1 s per epoch): other CPUs, other rounding.
-On one NVIDIA H200 (torch 2.11): 98.21%, 98.26%, 98.13%, at 1.1-1.6 s per epoch, 0.12 s
-with the CUDA graph.
+On one NVIDIA H200 (torch 2.11): 98.21%, 98.26%, 98.13%, at 1.1-1.6 s per epoch.
 
 Run:
     python mnist_train.py                          # 5 epochs, best device, saves model.pth
@@ -514,11 +513,6 @@ def resolve_settings(run, device):
     settings["lr"] = settings["lr"] or DEFAULT_LR[settings["optimizer"]]
     if checkpoint and checkpoint["epoch"] > settings["epochs"]:
         raise UserError(f"{args.checkpoint} has already trained {checkpoint['epoch']} epochs: ask more of --epochs")
-    graph_refused = dist.is_initialized() or device.type != "cuda" or settings["optimizer"] != "adam"
-    if args.cuda_graph and training and graph_refused:
-        raise UserError("--cuda-graph replays each step as one CUDA graph: it runs in one process (DDP all-reduces "
-                        "inside a step), with --optimizer adam (SGD reads no learning rate there), on a CUDA device "
-                        f"(this is {device}); drop --cuda-graph, or meet all three")
     if training and settings["batch_size"] < run.world_size:  # every process needs a part of every batch
         raise UserError(f"--batch-size {settings['batch_size']} is smaller than the {run.world_size} processes")
     if training and not args.resume and os.path.exists(args.checkpoint):
@@ -541,10 +535,8 @@ def header(settings, device, world_size):
 
 def make_epoch_trainer(run, settings, model, loss_fn, optimizer, scheduler, generator, train_set):
     """Return train() -> (mean loss, seconds) of one more epoch: the lesson's train_epoch over this
-    process's part of every batch (all of it, alone), or with --cuda-graph its CUDA-graph twin."""
-    (x, y), batch_size, graphed = train_set, settings["batch_size"], None
-    if run.args.cuda_graph and run.training:
-        graphed = make_graphed_train_epoch(model, loss_fn, optimizer, scheduler, x, y, batch_size)
+    process's part of every batch (all of it, alone)."""
+    (x, y), batch_size = train_set, settings["batch_size"]
     if dist.is_initialized():
         # DDP wraps the very model (no copy) and averages the processes' gradients in backward().
         model = nn.parallel.DistributedDataParallel(model, device_ids=[x.device.index] if x.is_cuda else None)
@@ -555,8 +547,6 @@ def make_epoch_trainer(run, settings, model, loss_fn, optimizer, scheduler, gene
 
     def train():
         start = time.perf_counter()
-        if graphed:
-            return graphed(generator), time.perf_counter() - start
         batches = iterate_batches(x, y, batch_size, generator, run.rank, run.world_size)
         # Under torchrun, the mean over this process's part (rank 0's is printed, as nanoGPT does).
         loss = train_epoch(model, batches, loss_fn, optimizer, scheduler)
@@ -770,15 +760,13 @@ def parse_args(argv=None):
     add("--checkpoint", default="checkpoint.pt", help="resume file, each epoch (default checkpoint.pt)")
     add("--resume", action="store_true", help="continue the run saved in --checkpoint")
     add("--load", metavar="PATH", help="start from these saved weights")
-    add("--cuda-graph", action="store_true", help="replay each training step as one CUDA graph (CUDA, adam): about 10x "
-        "faster epochs on a GPU. Not torch.compile: compiling this step took 21.5 s and ran slower (bench/README.md)")
     add("--predict", nargs="+", metavar="IMAGE", help="read the digit in each image with the model in --load")
     args = parser.parse_args(argv)
     try:
         device_type = "cpu" if args.device == "auto" else torch.device(args.device).type
     except RuntimeError:  # not a device torch knows
         device_type = None
-    given = [f"--{name.replace('_', '-')}" for name in ("resume", "epochs", "cuda_graph") if getattr(args, name)]
+    given = [f"--{name.replace('_', '-')}" for name in ("resume", "epochs") if getattr(args, name)]
     for wrong, why in (
         (device_type not in ("cpu", "cuda", "mps"), f"argument --device: unknown device {args.device!r}: use auto, "
                                                     "cpu, cuda, cuda:N or mps"),
@@ -898,7 +886,6 @@ def resume_hint(run, go_on=None):
         if getattr(args, name) != getattr(defaults, name):
             flags += ["--" + name.replace("_", "-"), str(getattr(args, name))]
     flags += ["--epochs", str(args.epochs)] if args.epochs is not None else []
-    flags += ["--cuda-graph"] if args.cuda_graph else []
     held = f"{args.checkpoint} holds epoch {run.epochs_done} of {run.epochs}"
     # What starts the same job again: python; under torchrun on one machine, this line; on several, the user's own.
     launcher = "python" if not dist.is_initialized() else f"torchrun --standalone --nproc_per_node={run.world_size}" \
@@ -955,7 +942,7 @@ def load_checkpoint(checkpoint, path, model, optimizer, scheduler, generator):
         scheduler.load_state_dict(checkpoint["scheduler"])
         # The schedule is rebuilt for this run's --epochs: set the learning rate for the step we are at
         # (the same value when --epochs is unchanged: resuming is exact). A plain float and capturable
-        # off: a --cuda-graph run saved a tensor and capturable on.
+        # off: a run of the former --cuda-graph flag (now bench/cuda_graph.py) saved a tensor and capturable on.
         factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
         for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
             group["lr"] = float(base_lr) * factor
@@ -966,86 +953,6 @@ def load_checkpoint(checkpoint, path, model, optimizer, scheduler, generator):
     except Exception as error:
         raise UserError(f"{path}: the optimizer or random state does not fit ({error})") from None
     return checkpoint["epoch"]
-
-
-# ---------------------------------------------------------------------------
-# Opt-in (--cuda-graph): the same epoch with each step replayed as one CUDA graph
-# ---------------------------------------------------------------------------
-# On a GPU this small MLP is bound by launching tens of tiny kernels per step, not by
-# arithmetic; a captured graph launches them all at once. Same math as train_epoch.
-
-
-def make_graphed_train_epoch(model, loss_fn, optimizer, scheduler, x, y, batch_size):
-    """Return train(generator) -> mean loss: train_epoch over iterate_batches(x, y, batch_size, generator),
-    with each full batch replayed from one captured CUDA graph (CUDA and Adam only).
-
-    Invariants (tested on a GPU): same weights as train_epoch, to a tolerance; stale .grad
-    contents do not change a replayed step.
-    """
-    # A graph replays fixed memory addresses, so the batch, its indices and the running loss live in
-    # tensors made once; the learning rate becomes a tensor the schedule updates in place
-    # (capturable=True lets Adam read it, and its step count, on the GPU).
-    for group in optimizer.param_groups:
-        group["capturable"], group["lr"] = True, torch.tensor(float(group["lr"]), device=x.device)
-    index = torch.zeros(batch_size, dtype=torch.long, device=x.device)
-    x_batch, y_batch, loss_sum = x[:batch_size].clone(), y[:batch_size].clone(), torch.zeros((), device=x.device)
-
-    def step():
-        torch.index_select(x, 0, index, out=x_batch)
-        torch.index_select(y, 0, index, out=y_batch)
-        # train_step's zero_grad() sets .grad to None, so the captured backward writes fresh
-        # gradients instead of adding to old ones: the gradient reset is in the graph.
-        loss_sum.add_(train_step(model, x_batch, y_batch, loss_fn, optimizer).detach() * batch_size)
-
-    run_step = make_graph_replayer(step)
-
-    def train(generator):
-        model.train()
-        loss_sum.zero_()
-        order = torch.randperm(len(x), generator=generator).to(x.device)  # the order iterate_batches would use
-        full = len(x) - len(x) % batch_size
-        # Adam warns that capturable=True is slower outside a graph: true, and only the warm-up
-        # steps and each epoch's last, smaller batch run outside it.
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="This instance was constructed with capturable=True")
-            for start in range(0, full, batch_size):
-                index.copy_(order[start : start + batch_size])
-                run_step()
-                scheduler.step()
-            if full < len(x):  # the last, smaller batch runs eagerly: same step, other shape
-                rest = order[full:]
-                loss = train_step(model, x.index_select(0, rest), y.index_select(0, rest), loss_fn, optimizer)
-                loss_sum.add_(loss.detach() * len(rest))
-                scheduler.step()
-        return (loss_sum / len(x)).item()
-
-    return train
-
-
-def make_graph_replayer(step, warmup_steps=3):
-    """Return run(): the first `warmup_steps` calls run `step` eagerly, the next captures it as a
-    CUDA graph and replays it, and every later call only replays."""
-    graph, stream, calls = torch.cuda.CUDAGraph(), torch.cuda.Stream(), 0
-
-    def run():
-        nonlocal calls
-        calls += 1
-        if calls > warmup_steps + 1:
-            return graph.replay()
-        # A few real steps run eagerly first (on a side stream, as PyTorch's CUDA-graph notes advise)
-        # so that lazy state such as Adam's moments exists; then one capture, which records kernels
-        # without running them: replay it.
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            if calls <= warmup_steps:
-                step()
-            else:
-                with torch.cuda.graph(graph, stream=stream):
-                    step()
-                graph.replay()
-        torch.cuda.current_stream().wait_stream(stream)
-
-    return run
 
 
 # ---------------------------------------------------------------------------

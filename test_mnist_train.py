@@ -36,6 +36,9 @@ from PIL import Image, ImageDraw
 
 import mnist_train as mt
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench"))
+import cuda_graph  # noqa: E402  (bench/cuda_graph.py: the former --cuda-graph, now the benchmark's way (d))
+
 # One place for Hypothesis settings. Training and CUDA make example times vary, so no
 # deadline; the `ci` profile (chosen when CI is set) is derandomized: same examples each run.
 settings.register_profile(
@@ -314,7 +317,7 @@ def test_any_file_that_is_not_a_model_is_one_clear_error(content, tmp_path):
 def test_a_checkpoint_written_on_a_gpu_loads_on_a_cpu_only_machine(fake_mnist, tmp_path, monkeypatch):
     mt.main(cli(tmp_path, fake_mnist, "--epochs", "1"))
     checkpoint = torch.load(tmp_path / "checkpoint.pt")
-    for group in checkpoint["optimizer"]["param_groups"]:  # as a --cuda-graph run leaves them
+    for group in checkpoint["optimizer"]["param_groups"]:  # as the former --cuda-graph left them
         group["lr"], group["capturable"] = torch.tensor(group["lr"]), True
     # Write it again as a GPU machine would: every storage tagged as living on cuda:0.
     with mock.patch.object(torch.serialization, "location_tag", lambda storage: "cuda:0"):
@@ -343,7 +346,7 @@ def test_weights_saved_on_cuda_load_on_cpu(seed, tmp_path):
 
 
 # ---------------------------------------------------------------------------
-# --cuda-graph: the same training, replayed as a CUDA graph
+# bench/cuda_graph.py (the former --cuda-graph): the same training, replayed as a CUDA graph
 # ---------------------------------------------------------------------------
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
@@ -370,7 +373,7 @@ def test_graphed_epochs_match_eager_epochs(seed, n, batch_size):
     images, labels = learnable_images(n, seed)
     x, y = normalized(images).cuda(), labels.cuda()
     (eager, eager_opt, eager_sched), (graphed, graphed_opt, graphed_sched) = graph_and_eager_runs(seed, n, batch_size)
-    train = mt.make_graphed_train_epoch(graphed, mt.make_loss(), graphed_opt, graphed_sched, x, y, batch_size)
+    train = cuda_graph.make_graphed_train_epoch(graphed, mt.make_loss(), graphed_opt, graphed_sched, x, y, batch_size)
     eager_gen, graphed_gen = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
     for _ in range(2):
         batches = mt.iterate_batches(x, y, batch_size, eager_gen)
@@ -389,7 +392,7 @@ def test_stale_gradients_do_not_change_a_replayed_step(seed):
     x, y = normalized(images).cuda(), labels.cuda()
     trainers = []
     for model, optimizer, scheduler in graph_and_eager_runs(seed, n, batch_size):
-        train = mt.make_graphed_train_epoch(model, mt.make_loss(), optimizer, scheduler, x, y, batch_size)
+        train = cuda_graph.make_graphed_train_epoch(model, mt.make_loss(), optimizer, scheduler, x, y, batch_size)
         train(torch.Generator().manual_seed(seed))
         trainers.append((model, train))
     for p in trainers[1][0].parameters():  # garbage where the graph keeps its gradients
@@ -397,21 +400,6 @@ def test_stale_gradients_do_not_change_a_replayed_step(seed):
     for _, train in trainers:
         train(torch.Generator().manual_seed(seed + 1))
     assert_same_state(state_of(trainers[0][0]), state_of(trainers[1][0]))
-
-
-@needs_cuda
-def test_cuda_graph_trains_end_to_end_and_saves_a_plain_state_dict(fake_mnist, tmp_path):
-    metrics = mt.main([*cli(tmp_path, fake_mnist, "--epochs", "3", "--cuda-graph"), "--device", "cuda"])
-    assert metrics["test_accuracy"] > 0.9
-    plain = mt.Net()
-    plain.load_state_dict(torch.load(tmp_path / "model.pth"))  # no _orig_mod. prefixes, CPU tensors
-    resumed = mt.main(cli(tmp_path, fake_mnist, "--resume", "--epochs", "4"))  # a graph run resumes on the CPU
-    assert len(resumed["history"]) == 1
-
-
-def test_cuda_graph_on_the_cpu_says_why_not(fake_mnist, tmp_path, capsys):
-    status, err = run_main_expecting_exit(cli(tmp_path, fake_mnist, "--cuda-graph"), capsys)
-    assert status == 1 and "on a CUDA device (this is cpu)" in err and err.count("\n") == 1
 
 
 @given(seed=seeds)
@@ -645,8 +633,8 @@ def test_resuming_follows_the_schedule_of_the_new_total(total_before, extra, don
 
 
 def test_a_cuda_graph_checkpoint_resumes_as_a_plain_eager_run(tmp_path):
-    # --cuda-graph leaves each lr as a tensor and capturable on. An eager resume must not keep
-    # them: on a GPU, Adam would warn and take its slower graph-ready path at every step.
+    # The former --cuda-graph left each lr as a tensor and capturable on. An eager resume of such a
+    # checkpoint must not keep them: on a GPU, Adam would warn and take its slower graph-ready path.
     model, optimizer, scheduler, generator, _, settings = unfinished_run_state()
     for _ in range(3):
         optimizer.step()
@@ -718,7 +706,7 @@ def test_checkpoint_round_trips_through_weights_only_load(seed, epoch, tmp_path)
         (["--resume", "--load", "model.pth"], "exclude each other"),
         (["--predict", "seven.png", "--resume"], "--predict trains nothing: drop --resume"),
         (["--predict", "seven.png", "--epochs", "3"], "--predict trains nothing: drop --epochs"),
-        (["--predict", "seven.png", "--cuda-graph"], "--predict trains nothing: drop --cuda-graph"),
+        (["--cuda-graph"], "unrecognized arguments: --cuda-graph"),
         (["--predict"], "expected at least one argument"),
     ],
 )
@@ -1277,14 +1265,11 @@ def test_a_stopped_torchrun_job_says_once_how_to_resume_it(stop, tmp_path):
     assert torch.load(tmp_path / "checkpoint.pt")["epoch"] >= 2
 
 
-def test_under_torchrun_mps_and_the_cuda_graph_are_refused_with_a_reason(monkeypatch):
+def test_under_torchrun_mps_and_a_batch_smaller_than_the_processes_are_refused(monkeypatch):
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
     monkeypatch.setattr(mt.dist, "is_initialized", lambda: True)  # as under torchrun
     with pytest.raises(mt.UserError, match="torch.distributed has no backend for MPS"):
         mt.pick_device("mps", local_rank=1)
-    run = mt.Run(mt.parse_args(["--cuda-graph"]), rank=1, world_size=2, local_rank=0)
-    with pytest.raises(mt.UserError, match="--cuda-graph replays each step as one CUDA graph: it runs in one process"):
-        mt.resolve_settings(run, torch.device("cuda"))
     run = mt.Run(mt.parse_args(["--batch-size", "1"]), rank=1, world_size=2, local_rank=0)
     with pytest.raises(mt.UserError, match="--batch-size 1 is smaller than the 2 processes"):
         mt.resolve_settings(run, torch.device("cpu"))

@@ -1,14 +1,14 @@
 """Time training epochs fed the guide's way (a DataLoader) against mnist_train's tensors on the device.
 
 Same model, loss, optimizer, schedule, batch size and train_epoch for every row; only
-the way batches arrive differs (plus (c0)'s unfused Adam, and on CUDA the --cuda-graph replay):
+the way batches arrive differs (plus (c0)'s unfused Adam, and on CUDA the CUDA-graph replay):
 
     (a) DataLoader over torchvision MNIST, ToTensor + Normalize, shuffled, num_workers=0
     (b) the same with worker processes
     (c) the whole set as tensors on the device, a randperm per epoch (mnist_train's way)
     (c0) for scale: (c)'s tensors with a plain step: x[index] gathers and Adam's default
          (unfused) update, i.e. what mnist_train's per-step choices save
-    (d) (c) with each step replayed as a CUDA graph (mnist_train --cuda-graph; CUDA only)
+    (d) (c) with each step replayed as a CUDA graph (bench/cuda_graph.py, once mnist_train's --cuda-graph)
 
 Run: python bench/benchmark.py --data-dir ./data [--device auto] [--epochs 3]
 """
@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import cuda_graph  # noqa: E402  (beside this file)
 import mnist_train as mt  # noqa: E402
 
 
@@ -92,7 +93,7 @@ def main(argv=None):
 
     def graph_way(model, loss_fn, optimizer, scheduler):
         generator = torch.Generator().manual_seed(args.seed)
-        train = mt.make_graphed_train_epoch(model, loss_fn, optimizer, scheduler, x_train, y_train, bs)
+        train = cuda_graph.make_graphed_train_epoch(model, loss_fn, optimizer, scheduler, x_train, y_train, bs)
         return lambda: train(generator)
 
     ways = [  # (name, make_train, fused optimizer)
@@ -102,7 +103,7 @@ def main(argv=None):
         ("(c0) tensors on device, plain step (x[index], unfused Adam)", plain_way, False),
     ]
     if device.type == "cuda":
-        ways.append(("(d) tensors + CUDA graph (--cuda-graph)", graph_way, True))
+        ways.append(("(d) tensors + CUDA graph (bench/cuda_graph.py)", graph_way, True))
 
     gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
     print(

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Everything the CUDA path needs proven, in one run on a GPU machine (about 5 minutes on an H200):
-# the test suite (its cuda cases run there), the headline command on real MNIST, the same
-# with --cuda-graph, the same under torchrun (one process, NCCL), --predict on the GPU, and the
-# benchmark. Usage: bash bench/gpu_check.sh PATH/TO/DATA [OUT_DIR]
+# the test suite (its cuda cases run there, bench/cuda_graph.py's among them), the headline
+# command on real MNIST, the same under torchrun (one process, NCCL), --predict on the GPU, and
+# the benchmark (its way (d) replays each step as a CUDA graph). Usage: bash bench/gpu_check.sh PATH/TO/DATA [OUT_DIR]
 # where PATH/TO/DATA holds MNIST/raw/. Logs go to OUT_DIR (default: a temporary folder);
 # weights and checkpoints to a temporary folder beside them, so OUT_DIR holds only logs.
 set -uo pipefail
@@ -21,7 +21,6 @@ train() {  # train LOG NAME [FLAGS...]: the headline command, its files named NA
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$out/gpu.txt"
 MNIST_DATA_DIR="$data" python -m pytest -q -rs 2>&1 | tee "$out/tests.txt"
 train headline.txt model python mnist_train.py
-train cuda-graph.txt model-cuda-graph python mnist_train.py --cuda-graph
 train torchrun.txt model-torchrun python -m torch.distributed.run --standalone --nproc_per_node=1 mnist_train.py
 # --predict on the GPU: three test digits drawn as a user's PNG files, read with the headline model.
 python -c "import sys, test_mnist_train as t, torchvision
