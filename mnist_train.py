@@ -836,8 +836,9 @@ class Run:
 @contextlib.contextmanager
 def one_line_errors(run):
     """Within the block, whatever ends the run early ends it with one line on stderr: a problem the user can
-    fix (UserError) with status 1; Ctrl-C, SIGTERM (how Slurm, docker and torchrun stop a process; Python's
-    default dies saying nothing) with 128 + the signal's number."""
+    fix (UserError), or a closed or full stdout (`| head -1`, `> /dev/full`), with status 1; Ctrl-C, SIGTERM
+    (how Slurm, docker and torchrun stop a process) and SIGHUP (the terminal closed), where Python's default
+    dies saying nothing, with 128 + the signal's number."""
 
     def stop(signum, frame):
         # One is enough: later ones (under torchrun, Ctrl-C comes from the terminal and again from torchrun)
@@ -845,7 +846,7 @@ def one_line_errors(run):
             signal.signal(number, signal.SIG_IGN)
         raise KeyboardInterrupt(signum)
 
-    signals = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if threading.current_thread() is threading.main_thread() else ()
     previous = {number: signal.signal(number, stop) for number in signals}
     try:
         yield
@@ -857,6 +858,12 @@ def one_line_errors(run):
         line, status = how + (": " if run.training else " ") + safe, 128 + signum  # "\n": a fresh line after ^C
     except UserError as error:
         line, status = f"error: {error}", 1
+    except OSError as error:  # not a file's (reading and writing turn those into UserErrors): stdout's
+        if error.errno not in (errno.EPIPE, errno.ENOSPC):
+            raise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or Python's last flush fails again
+        why = "was closed" if error.errno == errno.EPIPE else "is full"
+        line, status = f"error: standard output {why}: stopped; {resume_hint(run, 'continue with')}", 1
     except RuntimeError as error:
         # Under torchrun, a collective found another process gone: NCCL raises a DistError, gloo
         # a RuntimeError from its TCP transport ("Connection closed by peer" or "reset by peer").

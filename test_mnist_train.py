@@ -1652,3 +1652,35 @@ def test_mnist_files_of_other_sizes_or_no_images_are_one_line(images, fake_mnist
 def test_save_and_checkpoint_on_the_same_file_is_a_usage_error(capsys):
     status, err = run_main_expecting_exit(["--save", "x.pt", "--checkpoint", "x.pt"], capsys)
     assert status == 2 and "--save and --checkpoint must differ" in err
+
+
+def test_a_closed_or_full_stdout_stops_with_the_usual_line_and_the_checkpoint_safe(tmp_path):
+    data_dir = write_fake_mnist(tmp_path / "data", n_train=300, n_test=20)
+    argv = [sys.executable, "mnist_train.py", *cli(tmp_path, data_dir, "--epochs", "3")]
+    # `| head -1`: the reader goes after the header; the next line (epoch 1's) finds the pipe closed.
+    job = subprocess.Popen(argv, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert job.stdout.readline().startswith("mnist_train: ")
+    job.stdout.close()
+    err = job.stderr.read()
+    assert job.wait(timeout=60) == 1 and err.count("\n") == 1, err
+    assert err.startswith(f"error: standard output was closed: stopped; {tmp_path / 'checkpoint.pt'} holds epoch 1 of 3")
+    assert torch.load(tmp_path / "checkpoint.pt")["epoch"] == 1
+    if os.path.exists("/dev/full"):  # `> /dev/full`: the header cannot be written; nothing starts
+        (tmp_path / "full").mkdir()
+        argv = [sys.executable, "mnist_train.py", *cli(tmp_path / "full", data_dir, "--epochs", "3")]
+        with open("/dev/full", "w") as full:
+            done = subprocess.run(argv, cwd=HERE, stdout=full, stderr=subprocess.PIPE, text=True, timeout=60)
+        assert done.returncode == 1 and done.stderr == "error: standard output is full: stopped; nothing was saved\n"
+
+
+def test_sighup_is_handled_like_sigterm(tmp_path):
+    data_dir = write_fake_mnist(tmp_path / "data", n_train=3000, n_test=20)
+    argv = [sys.executable, "-u", "mnist_train.py", *cli(tmp_path, data_dir, "--epochs", "100")]
+    job = subprocess.Popen(argv, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in job.stdout:
+        if line.startswith("epoch  1/100"):
+            job.send_signal(signal.SIGHUP)  # the terminal closed
+            break
+    _, err = job.communicate(timeout=60)
+    assert job.returncode == 128 + signal.SIGHUP and err.count("\n") == 1, err
+    assert err.startswith(f"terminated by SIGHUP: {tmp_path / 'checkpoint.pt'} holds epoch ")
