@@ -741,6 +741,11 @@ def number(kind, positive):
     return parse
 
 
+# The settings a checkpoint remembers, each with its flag's check: a checkpoint's values pass it too.
+SETTING_CHECKS = {"epochs": number(int, False), "batch_size": number(int, True), "lr": number(float, True),
+                  "seed": number(int, False)}  # fmt: skip
+
+
 def parse_args(argv=None):
     """Parse the flags; a usage error exits with status 2 and one line (argparse's own error prints
     the whole usage first). Settings a checkpoint remembers default to None: --resume takes its."""
@@ -749,11 +754,11 @@ def parse_args(argv=None):
     first = os.environ.get("RANK", "0") == "0"
     parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {message} (see --help)\n" if first else None)
     add = parser.add_argument
-    add("--epochs", type=number(int, False), help="total epochs (default 5; 0 with --load only evaluates)")
-    add("--batch-size", type=number(int, True), help="training batch size (default 64)")
-    add("--lr", type=number(float, True), help="peak learning rate (default 3e-3 for adam, 0.05 for sgd)")
+    add("--epochs", type=SETTING_CHECKS["epochs"], help="total epochs (default 5; 0 with --load only evaluates)")
+    add("--batch-size", type=SETTING_CHECKS["batch_size"], help="training batch size (default 64)")
+    add("--lr", type=SETTING_CHECKS["lr"], help="peak learning rate (default 3e-3 for adam, 0.05 for sgd)")
     add("--optimizer", choices=["adam", "sgd"], help="default adam")
-    add("--seed", type=number(int, False), help="seeds the initial weights and the shuffle (default 0)")
+    add("--seed", type=SETTING_CHECKS["seed"], help="seeds the initial weights and the shuffle (default 0)")
     add("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     add("--data-dir", default="./data", help="MNIST goes in DATA_DIR/MNIST/raw (default ./data)")
     add("--save", default="model.pth", help="where to save the trained weights (default model.pth)")
@@ -842,12 +847,13 @@ def one_line_errors(run):
 
     def stop(signum, frame):
         # One is enough: later ones (under torchrun, Ctrl-C comes from the terminal and again from torchrun)
-        for number in signals:  # are ignored, so they cannot break into the message about the first.
-            signal.signal(number, signal.SIG_IGN)
+        for sig in signals:  # are ignored, so they cannot break into the message about the first.
+            signal.signal(sig, signal.SIG_IGN)
         raise KeyboardInterrupt(signum)
 
-    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if threading.current_thread() is threading.main_thread() else ()
-    previous = {number: signal.signal(number, stop) for number in signals}
+    on_main_thread = threading.current_thread() is threading.main_thread()  # only it can take signals
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if on_main_thread else ()
+    previous = {sig: signal.signal(sig, stop) for sig in signals}
     try:
         yield
         return
@@ -872,8 +878,8 @@ def one_line_errors(run):
         line, status = "error: another process of this job stopped (torchrun's summary names it); ", 1
         line += resume_hint(run, "continue with")
     finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if run.master_process:  # one process speaks for all
         print(line, file=sys.stderr)
     raise SystemExit(status)
@@ -918,12 +924,17 @@ def save_checkpoint(path, model, optimizer, scheduler, generator, epoch, setting
 
 
 def read_checkpoint(path, device):
-    """Read a checkpoint written by save_checkpoint, checking that it is one."""
+    """Read a checkpoint written by save_checkpoint, checking that it is one: its epoch and settings pass the
+    flags' own checks (a hand-edited batch size of 0 or learning rate of "fast" would fail mid-run)."""
     checkpoint = read_torch_file(path, device, "a checkpoint")
-    parts = {"model", "optimizer", "scheduler", "epoch", "rng", "settings"}
-    if not (isinstance(checkpoint, dict) and parts <= checkpoint.keys() and isinstance(checkpoint["epoch"], int)
-            and checkpoint["epoch"] >= 0 and isinstance(checkpoint["settings"], dict)
-            and DEFAULTS.keys() <= checkpoint["settings"].keys() and checkpoint["settings"]["optimizer"] in DEFAULT_LR):
+    try:  # a part missing or of another kind, or a setting its flag's own check refuses (epoch as --epochs)
+        settings = checkpoint["settings"]
+        values = [("epochs", checkpoint["epoch"])] + [(key, settings[key]) for key in SETTING_CHECKS]
+        fits = {"model", "optimizer", "scheduler", "rng"} <= checkpoint.keys() and settings["optimizer"] in DEFAULT_LR
+        fits = fits and all(SETTING_CHECKS[key](str(value)) == value for key, value in values)
+    except (LookupError, TypeError, AttributeError, argparse.ArgumentTypeError):
+        fits = False
+    if not fits:
         raise UserError(f"{path} is not a checkpoint of this script (weights only? start from them with --load)")
     return checkpoint
 

@@ -1684,3 +1684,14 @@ def test_sighup_is_handled_like_sigterm(tmp_path):
     _, err = job.communicate(timeout=60)
     assert job.returncode == 128 + signal.SIGHUP and err.count("\n") == 1, err
     assert err.startswith(f"terminated by SIGHUP: {tmp_path / 'checkpoint.pt'} holds epoch ")
+
+
+@pytest.mark.parametrize("edit", [{"batch_size": 0}, {"lr": -1.0}, {"lr": "fast"}, {"optimizer": "rmsprop"},
+                                  {"epochs": 2.5}, {"seed": True}, {"epoch": -3}])  # fmt: skip
+def test_a_hand_edited_checkpoint_setting_is_refused_as_its_flag_would_be(edit, fake_mnist, tmp_path, capsys):
+    mt.main(cli(tmp_path, fake_mnist, "--epochs", "1"))
+    checkpoint = torch.load(tmp_path / "checkpoint.pt")
+    (checkpoint if "epoch" in edit else checkpoint["settings"]).update(edit)
+    torch.save(checkpoint, tmp_path / "checkpoint.pt")
+    status, err = run_main_expecting_exit(cli(tmp_path, fake_mnist, "--resume", "--epochs", "3"), capsys)
+    assert status == 1 and "is not a checkpoint of this script" in err and err.count("\n") == 1
