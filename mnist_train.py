@@ -255,9 +255,9 @@ def atomic_save(obj, path):
     try:
         with open(handle, "wb") as f:
             # mkstemp's file is private (0600): give it the permissions of the file it replaces, or a
-            # new file's (the umask's). A filesystem without permissions (FAT) refuses: no matter.
-            umask = os.umask(0o022)
-            os.umask(umask)
+            # new file's (the umask's, read by setting it and back). A filesystem without permissions (FAT)
+            # refuses: no matter.
+            os.umask(umask := os.umask(0o022))
             with contextlib.suppress(OSError):
                 os.chmod(temporary, os.stat(path).st_mode & 0o7777 if os.path.exists(path) else 0o666 & ~umask)
             # 2) Write, and flush to disk before the name points at it; 3) rename over the target.
@@ -463,12 +463,11 @@ def main(argv=None):
             scheduler = make_scheduler(optimizer, settings["epochs"] * steps_per_epoch)
             # 4) Resume where the checkpoint left off, or start from saved weights.
             if checkpoint is not None:
-                run.epochs_done = load_checkpoint(checkpoint, args.checkpoint, model, optimizer, scheduler, generator)
+                run.epochs_done = load_checkpoint(checkpoint, args.checkpoint, model, optimizer, scheduler, generator,
+                                                  steps_per_epoch)
                 print(f"resumed from {args.checkpoint} after epoch {run.epochs_done}", flush=True)
-            elif args.load:  # the file checked first (a second read of 440 kB): the lesson's load trusts it
-                read_torch_file(args.load, "cpu")
-                with reading(args.load):
-                    load(model, args.load)
+            elif args.load:
+                load_checked(model, args.load)
         # 5) Step 4, epoch after epoch: train, evaluate, checkpoint, report (with --epochs 0, none).
         run.training, run.epochs, history = args.epochs != 0, settings["epochs"], []
         train_one_epoch = make_epoch_trainer(run, settings, model, loss_fn, optimizer, scheduler, generator, train_set)
@@ -500,8 +499,11 @@ def resolve_settings(run, device):
     Refuses, before any training, what cannot run or would destroy a file."""
     args, training = run.args, run.args.epochs != 0
     if training and run.master_process:  # one process writes the files: refuse now, not after an hour
-        check_writable(args.save, "--save")
-        check_writable(args.checkpoint, "--checkpoint")
+        check_writable(args.save, "--save", read_torch_file)  # an existing file must be one we wrote
+        old = check_writable(args.checkpoint, "--checkpoint", None if args.resume else read_checkpoint)
+        if old and old["epoch"] < old["settings"]["epochs"]:  # never overwrite the only copy of an unfinished run
+            raise UserError(f"{args.checkpoint} holds an unfinished run (epoch {old['epoch']} of "
+                            f"{old['settings']['epochs']}): add --resume to continue it, or move it away to start over")
         run.lock = hold_lock(args.checkpoint)  # one run per checkpoint, until this one ends
     checkpoint = read_checkpoint(args.checkpoint, device) if args.resume else None
     saved = checkpoint["settings"] if checkpoint else DEFAULTS
@@ -515,14 +517,6 @@ def resolve_settings(run, device):
         raise UserError(f"{args.checkpoint} has already trained {checkpoint['epoch']} epochs: ask more of --epochs")
     if training and settings["batch_size"] < run.world_size:  # every process needs a part of every batch
         raise UserError(f"--batch-size {settings['batch_size']} is smaller than the {run.world_size} processes")
-    if training and not args.resume and os.path.exists(args.checkpoint):
-        try:  # never overwrite the only copy of an unfinished run, nor a file that isn't ours
-            old = read_checkpoint(args.checkpoint, "cpu")
-        except UserError as error:
-            raise UserError(f"{error}; not overwriting it: move it away or pick another --checkpoint") from None
-        if old["epoch"] < old["settings"]["epochs"]:
-            raise UserError(f"{args.checkpoint} holds an unfinished run (epoch {old['epoch']} of "
-                            f"{old['settings']['epochs']}): add --resume to continue it, or move it away to start over")
     return settings, checkpoint
 
 
@@ -621,6 +615,10 @@ def load_mnist(data_dir, train, device):
     raw, split = os.path.join(data_dir, "MNIST", "raw"), "train" if train else "t10k"
     images, labels = (os.path.join(raw, f"{split}-{kind}-ubyte") for kind in ("images-idx3", "labels-idx1"))
     if not (os.path.exists(images) and os.path.exists(labels)):
+        # A common slip: --data-dir naming the MNIST or raw folder itself. Say so rather than download a copy.
+        for right in (os.path.normpath(os.path.join(data_dir, *up)) for up in ([".."], ["..", ".."])):
+            if os.path.exists(os.path.join(right, "MNIST", "raw", os.path.basename(images))):
+                raise UserError(f"MNIST is not in {raw}, but it is under {right}: give --data-dir {right}")
         from torchvision import datasets  # here, not at the top: --predict never pays for importing it
 
         try:
@@ -701,12 +699,7 @@ def predict_files(args):
     still answered; the exit status is then 1. Returns [(path, probabilities)] of those read.
     """
     path, device, answers = args.load or "model.pth", pick_device(args.device), []
-    if not os.path.exists(path):
-        raise UserError(f"{path}: no such file: train a model first (python mnist_train.py saves model.pth), "
-                        "or give --load PATH")
-    read_torch_file(path, "cpu")  # checked first, as main does
-    with reading(path):
-        model = load(build_model(device), path)
+    model = load_checked(build_model(device), path)
     for image_path in args.predict:
         try:
             x = prepare_digit(read_image(image_path))
@@ -939,8 +932,8 @@ def read_checkpoint(path, device):
     return checkpoint
 
 
-def load_checkpoint(checkpoint, path, model, optimizer, scheduler, generator):
-    """Restore the state saved by save_checkpoint; return the number of epochs already done.
+def load_checkpoint(checkpoint, path, model, optimizer, scheduler, generator, steps_per_epoch):
+    """Restore the state saved by save_checkpoint into a run of `steps_per_epoch`; return the epochs already done.
 
     Invariant (tested): on the CPU, resuming after any epoch ends bit-identical to a run
     that was never interrupted.
@@ -970,6 +963,11 @@ def load_checkpoint(checkpoint, path, model, optimizer, scheduler, generator):
         generator.set_state(checkpoint["rng"]["shuffle"].cpu())
     except Exception as error:
         raise UserError(f"{path}: the optimizer or random state does not fit ({error})") from None
+    # The schedule counts steps: trained on another number of images, a checkpoint's steps would not fit it.
+    if scheduler.last_epoch != checkpoint["epoch"] * steps_per_epoch:
+        raise UserError(f"{path} does not fit this data: after epoch {checkpoint['epoch']} its schedule was at "
+                        f"step {scheduler.last_epoch}, here {checkpoint['epoch'] * steps_per_epoch}: resume with the "
+                        "--data-dir it trained on")
     return checkpoint["epoch"]
 
 
@@ -1000,8 +998,9 @@ def writing(run, path):
         raise UserError(f"could not write {path}: {why}; {hint}") from None
 
 
-def check_writable(path, flag):
-    """Raise UserError now, before any training, if `path` cannot be written."""
+def check_writable(path, flag, read=None):
+    """Raise UserError now, before any training, if `path` cannot be written, or if it holds a file that `read`
+    refuses (a file we did not write is never replaced); return what `read` found there, or None."""
     folder = os.path.dirname(os.path.realpath(path))
     if os.path.exists(path) and not os.path.isfile(path):  # a folder, a pipe, a device: never replaced
         raise UserError(f"{flag} {path} is {'a folder' if os.path.isdir(path) else 'not a regular file'}: name a file")
@@ -1010,6 +1009,10 @@ def check_writable(path, flag):
     except OSError as error:
         why = error.strerror if os.path.isdir(folder) else f"folder {folder} does not exist"
         raise UserError(f"{flag} {path} cannot be written: {why}") from None
+    try:
+        return read(path, "cpu") if read and os.path.exists(path) else None
+    except UserError as error:
+        raise UserError(f"{error}; not overwriting it: move it away or pick another {flag}") from None
 
 
 def read_torch_file(path, device, what="a saved model"):
@@ -1026,6 +1029,14 @@ def read_torch_file(path, device, what="a saved model"):
         obj = torch.load(path, map_location=device, weights_only=True)
     check_tensors(path, obj["model"] if isinstance(obj, dict) and isinstance(obj.get("model"), dict) else obj)
     return obj
+
+
+def load_checked(model, path):
+    """The lesson's load(model, path) of a file read_torch_file checked first (a second read of 440 kB: the lesson
+    trusts its file), what either raises in one line; return `model`."""
+    read_torch_file(path, "cpu")
+    with reading(path):
+        return load(model, path)
 
 
 def check_tensors(path, tensors):
@@ -1064,7 +1075,8 @@ def reading(path, what="a saved model"):
     except Exception as error:
         text, empty = " ".join(str(error).split()), os.path.isfile(path) and os.path.getsize(path) == 0
         reasons = (  # the first that holds
-            (isinstance(error, FileNotFoundError), ": no such file"),
+            (isinstance(error, FileNotFoundError), ": no such file" if what != "a saved model" else ": no such file: "
+             "train a model first (python mnist_train.py saves model.pth), or give --load PATH"),
             (isinstance(error, IsADirectoryError), f" is a folder, not {what}"),
             (isinstance(error, PermissionError), ": permission denied"),
             # weights_only=True refused to unpickle code; load_state_dict names each tensor that does not fit.

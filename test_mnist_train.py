@@ -623,7 +623,8 @@ def test_resuming_follows_the_schedule_of_the_new_total(total_before, extra, don
     mt.save_checkpoint(tmp_path / "c.pt", model, optimizer, scheduler, generator, 1, settings)
     model, optimizer, scheduler, generator, _, _ = unfinished_run_state(total_before + extra)
     checkpoint = mt.read_checkpoint(tmp_path / "c.pt", "cpu")
-    mt.load_checkpoint(checkpoint, tmp_path / "c.pt", model, optimizer, scheduler, generator)
+    steps_per_epoch = checkpoint["scheduler"]["last_epoch"]  # saved after epoch 1
+    mt.load_checkpoint(checkpoint, tmp_path / "c.pt", model, optimizer, scheduler, generator, steps_per_epoch)
     # What a run planned for the new total would use at this step.
     fresh_model, fresh_optimizer, fresh_scheduler, *_ = unfinished_run_state(total_before + extra)
     for _ in range(scheduler.last_epoch):
@@ -644,9 +645,8 @@ def test_a_cuda_graph_checkpoint_resumes_as_a_plain_eager_run(tmp_path):
         group["lr"], group["capturable"] = torch.tensor(group["lr"]), True
     mt.save_checkpoint(tmp_path / "c.pt", model, optimizer, scheduler, generator, 1, settings)
     model, optimizer, scheduler, generator, _, _ = unfinished_run_state()
-    mt.load_checkpoint(
-        mt.read_checkpoint(tmp_path / "c.pt", "cpu"), tmp_path / "c.pt", model, optimizer, scheduler, generator
-    )
+    checkpoint = mt.read_checkpoint(tmp_path / "c.pt", "cpu")
+    mt.load_checkpoint(checkpoint, tmp_path / "c.pt", model, optimizer, scheduler, generator, 3)  # epoch 1: 3 steps
     for group in optimizer.param_groups:
         assert type(group["lr"]) is float and group["lr"] == pytest.approx(eager_lr, rel=1e-6)
         assert group["capturable"] is False
@@ -1695,3 +1695,35 @@ def test_a_hand_edited_checkpoint_setting_is_refused_as_its_flag_would_be(edit, 
     torch.save(checkpoint, tmp_path / "checkpoint.pt")
     status, err = run_main_expecting_exit(cli(tmp_path, fake_mnist, "--resume", "--epochs", "3"), capsys)
     assert status == 1 and "is not a checkpoint of this script" in err and err.count("\n") == 1
+
+
+def test_an_existing_save_file_that_is_not_a_model_is_never_replaced(fake_mnist, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("my notes")
+    argv = [*cli(tmp_path, fake_mnist, "--epochs", "1"), "--save", str(tmp_path / "notes.txt")]
+    status, err = run_main_expecting_exit(argv, capsys)
+    assert status == 1 and "not overwriting it: move it away or pick another --save" in err and err.count("\n") == 1
+    assert (tmp_path / "notes.txt").read_text() == "my notes" and not os.path.exists(tmp_path / "checkpoint.pt")
+    mt.main([*argv[:-1], str(tmp_path / "model.pth")])  # a model of ours is replaced, run after run
+    mt.main([*argv[:-1], str(tmp_path / "model.pth")])
+
+
+def test_resuming_on_another_number_of_images_is_refused(tmp_path, capsys):
+    # The schedule counts steps: a checkpoint of 300 images an epoch would run out of schedule on 600.
+    small, large = write_fake_mnist(tmp_path / "small", n_train=300, n_test=20), write_fake_mnist(tmp_path / "large", n_train=640)
+    mt.main(cli(tmp_path, small, "--epochs", "3"))
+    checkpoint = torch.load(tmp_path / "checkpoint.pt")
+    checkpoint["epoch"] = 1  # as if stopped after epoch 1
+    checkpoint["scheduler"]["last_epoch"] //= 3
+    torch.save(checkpoint, tmp_path / "checkpoint.pt")
+    status, err = run_main_expecting_exit(cli(tmp_path, large, "--resume"), capsys)
+    assert status == 1 and "does not fit this data: after epoch 1 its schedule was at step 10, here 20" in err and err.count("\n") == 1
+    mt.main(cli(tmp_path, small, "--resume"))  # on its own data it resumes
+
+
+@pytest.mark.parametrize("slip", [("MNIST",), ("MNIST", "raw")])
+def test_a_data_dir_one_folder_off_says_which_to_give_and_downloads_nothing(slip, fake_mnist, tmp_path, capsys):
+    wrong = os.path.join(fake_mnist, *slip)
+    with mock.patch("torchvision.datasets.MNIST", side_effect=AssertionError("no download")):
+        status, err = run_main_expecting_exit(cli(tmp_path, wrong, "--epochs", "1"), capsys)
+    assert status == 1 and err.rstrip().endswith(f"give --data-dir {os.path.normpath(fake_mnist)}"), err
+    assert err.count("\n") == 1 and not os.path.exists(os.path.join(wrong, "MNIST"))
