@@ -451,7 +451,7 @@ def main(argv=None):
             # 1) The device and the settings: the flags', or the checkpoint's when resuming.
             device = pick_device(args.device, run.local_rank)
             settings, checkpoint = resolve_settings(run, device)
-            print(header(settings, device, run.world_size), flush=True)
+            print(header(run, settings, device), flush=True)
             # 2) The data, as tensors on the device; then seed, before anything random.
             train_set, test_set = load_mnist(args.data_dir, True, device), load_mnist(args.data_dir, False, device)
             torch.manual_seed(settings["seed"])  # the initial weights
@@ -520,11 +520,12 @@ def resolve_settings(run, device):
     return settings, checkpoint
 
 
-def header(settings, device, world_size):
-    """The run's first line: what trains, where, and how."""
-    s, processes = settings, f", {world_size} processes under torchrun" if dist.is_initialized() else ""
-    return (f"mnist_train: torch {torch.__version__}, device {device}, seed {s['seed']}, {s['optimizer']} lr "
-            f"{s['lr']:g}, batch {s['batch_size']}, {s['epochs']} epoch{'' if s['epochs'] == 1 else 's'}{processes}")
+def header(run, settings, device):
+    """The run's first line: what trains, where, and how; with --epochs 0, what is evaluated."""
+    s, processes = settings, f", {run.world_size} processes under torchrun" if dist.is_initialized() else ""
+    what = (f"seed {s['seed']}, {s['optimizer']} lr {s['lr']:g}, batch {s['batch_size']}, {s['epochs']} epoch"
+            f"{'' if s['epochs'] == 1 else 's'}" if run.args.epochs != 0 else f"evaluating {run.args.load}")
+    return f"mnist_train: torch {torch.__version__}, device {device}, {what}{processes}"
 
 
 def make_epoch_trainer(run, settings, model, loss_fn, optimizer, scheduler, generator, train_set):
@@ -938,11 +939,10 @@ def load_checkpoint(checkpoint, path, model, optimizer, scheduler, generator, st
     Invariant (tested): on the CPU, resuming after any epoch ends bit-identical to a run
     that was never interrupted.
     """
-    with reading(path, "a checkpoint"):  # the weights: each tensor that does not fit, named
-        model.load_state_dict(checkpoint["model"])
-    # Each moment the shape of its parameter (the step count a number): the fused step would write past one
-    # of another shape, and crash the process.
     with reading(path, "a checkpoint"):
+        model.load_state_dict(checkpoint["model"])  # each weight that does not fit, named
+        # Each moment the shape of its parameter (the step count a number): the fused step would write past one
+        # of another shape, and crash the process.
         for index, state in checkpoint["optimizer"]["state"].items():
             check_tensors(path, {f"optimizer state {index} {name}": t for name, t in state.items()})
             shape = [p for group in optimizer.param_groups for p in group["params"]][index].shape

@@ -1727,3 +1727,10 @@ def test_a_data_dir_one_folder_off_says_which_to_give_and_downloads_nothing(slip
         status, err = run_main_expecting_exit(cli(tmp_path, wrong, "--epochs", "1"), capsys)
     assert status == 1 and err.rstrip().endswith(f"give --data-dir {os.path.normpath(fake_mnist)}"), err
     assert err.count("\n") == 1 and not os.path.exists(os.path.join(wrong, "MNIST"))
+
+
+def test_an_evaluation_header_names_what_is_evaluated_not_training_settings(fake_mnist, tmp_path, capsys):
+    mt.save(mt.build_model(), tmp_path / "model.pth")
+    mt.main(cli(tmp_path, fake_mnist, "--epochs", "0", "--load", str(tmp_path / "model.pth")))
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.endswith(f", device cpu, evaluating {tmp_path / 'model.pth'}") and "lr" not in first
