@@ -1736,3 +1736,10 @@ def test_an_evaluation_header_names_what_is_evaluated_not_training_settings(fake
     mt.main(cli(tmp_path, fake_mnist, "--epochs", "0", "--load", str(tmp_path / "model.pth")))
     first = capsys.readouterr().out.splitlines()[0]
     assert first.endswith(f", device cpu, evaluating {tmp_path / 'model.pth'}") and "lr" not in first
+
+
+def test_an_unreadable_mnist_file_says_permission_denied_not_damaged(fake_mnist, tmp_path, capsys):
+    # The tests run as root, whom chmod 000 does not stop: the OS's refusal, given by hand.
+    with mock.patch("mnist_train.open", create=True, side_effect=PermissionError(errno.EACCES, "Permission denied")):
+        status, err = run_main_expecting_exit(cli(tmp_path, fake_mnist), capsys)
+    assert status == 1 and err.rstrip().endswith("train-images-idx3-ubyte: permission denied"), err
