@@ -6,9 +6,11 @@ test runs when MNIST_DATA_DIR points at a folder holding MNIST/raw/ (CI sets it)
 
 import ast
 import builtins
+import contextlib
 import copy
 import errno
 import importlib.util
+import io
 import math
 import os
 import pickle
@@ -103,7 +105,7 @@ def fake_mnist(tmp_path):
 def cli(tmp_path, data_dir, *flags):
     """Arguments for main() that keep every file the run writes inside tmp_path."""
     return [
-        "--data-dir", str(data_dir), "--device", "cpu", "--batch-size", "32",
+        "--data-dir", str(data_dir), "--device", "cpu", "--batch-size", "32", "--val-size", "32",
         "--save", str(tmp_path / "model.pth"), "--checkpoint", str(tmp_path / "checkpoint.pt"), *flags,
     ]  # fmt: skip
 
@@ -440,9 +442,10 @@ def test_main_trains_end_to_end_on_mnist_format_files(fake_mnist, tmp_path, caps
     assert metrics["test_accuracy"] > 0.9  # the block position is easy to learn
     assert metrics["history"][-1]["train_loss"] < metrics["history"][0]["train_loss"]
 
-    # main shuffles: each epoch is a different order, and none is the file's order.
+    # main shuffles: each epoch is a different order, and none is the file's order (the first
+    # 288 images: the last 32 are held out to validate on).
     images, _ = learnable_images(320, 0)
-    in_file_order = normalized(images).flatten(1)
+    in_file_order = normalized(images[:288]).flatten(1)
     assert seen[0].shape == in_file_order.shape
     assert not torch.equal(seen[0], in_file_order) and not torch.equal(seen[0], seen[1])
 
@@ -492,9 +495,14 @@ needs_real_mnist = pytest.mark.skipif(
 
 
 def train_on_real_mnist(folder, seed):
-    """The README's run, 5 epochs of the defaults on the CPU; return main's metrics."""
+    """The README's run, 5 epochs of the defaults on the CPU; return main's metrics, with the test accuracy
+    its final line printed ("test accuracy 98.14% | model saved to ..."): the figure a user reads."""
     argv = ["--data-dir", os.environ["MNIST_DATA_DIR"], "--device", "cpu", "--seed", str(seed)]
-    return mt.main([*argv, "--save", str(folder / f"m{seed}.pth"), "--checkpoint", str(folder / f"c{seed}.pt")])
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        metrics = mt.main([*argv, "--save", str(folder / f"m{seed}.pth"), "--checkpoint", str(folder / f"c{seed}.pt")])
+    final = re.fullmatch(r"test accuracy ([0-9.]+)% \| model saved to .*", out.getvalue().splitlines()[-1])
+    return {**metrics, "printed_test_accuracy": float(final.group(1)) / 100}
 
 
 @pytest.fixture(scope="module")
@@ -506,8 +514,9 @@ def real_mnist_seed_0(tmp_path_factory):
 
 @needs_real_mnist
 def test_real_mnist_reaches_98_percent_in_5_epochs(real_mnist_seed_0, tmp_path):
-    accuracies = [real_mnist_seed_0[0]["test_accuracy"]]
-    accuracies += [train_on_real_mnist(tmp_path, seed)["test_accuracy"] for seed in (1, 2)]
+    # 55,000 training images (5,000 held out to validate on); the test set touched once, at the end.
+    accuracies = [real_mnist_seed_0[0]["printed_test_accuracy"]]
+    accuracies += [train_on_real_mnist(tmp_path, seed)["printed_test_accuracy"] for seed in (1, 2)]
     assert statistics.median(accuracies) >= 0.980, accuracies
     assert min(accuracies) >= 0.978, accuracies
 
@@ -662,7 +671,7 @@ def test_a_fresh_run_does_not_overwrite_a_file_that_is_not_a_checkpoint(fake_mni
 def unfinished_run_state(total_steps=10):
     model = mt.build_model()
     optimizer = mt.make_optimizer(model)
-    settings = {"epochs": 5, "batch_size": 32, "optimizer": "adam", "seed": 0, "lr": 3e-3}
+    settings = {"epochs": 5, "batch_size": 32, "optimizer": "adam", "seed": 0, "lr": 3e-3, "val_size": 0}
     return model, optimizer, mt.make_scheduler(optimizer, total_steps), torch.Generator(), 1, settings
 
 
@@ -855,7 +864,7 @@ def test_a_diverging_loss_stops_the_run_and_keeps_the_last_checkpoint(fake_mnist
     status, err = run_main_expecting_exit(cli(tmp_path, fake_mnist, "--lr", "1e30"), capsys)
     assert status == 1
     assert (
-        "the loss became nan (train), nan (test) in epoch 1: try a lower --lr (this run used 1e+30); nothing was saved"
+        "the loss became nan in epoch 1: try a lower --lr (this run used 1e+30); nothing was saved"
         in err
     )
     assert not os.path.exists(tmp_path / "checkpoint.pt") and not os.path.exists(tmp_path / "model.pth")
@@ -1166,8 +1175,8 @@ def torchrun(tmp_path, argv, processes=2, **env):
 
 
 def write_uneven_mnist(data_dir):
-    """MNIST-format files that split unevenly: 94 training images (batches of 31 leave 1 for two
-    processes, one part empty) and 21 test images, 5 of them mislabelled."""
+    """Small MNIST-format files: 94 training images (62 trained on, 32 held out by cli's --val-size)
+    and 21 test images, 5 of them mislabelled."""
     write_fake_mnist(data_dir, n_train=94, n_test=21)
     labels_path = os.path.join(data_dir, "MNIST", "raw", "t10k-labels-idx1-ubyte")
     _, labels = learnable_images(21, 1)  # as write_fake_mnist drew them
@@ -1184,7 +1193,7 @@ def test_torchrun_with_two_processes_follows_one_process(tmp_path):
     data_dir = write_uneven_mnist(tmp_path / "data")
     two, one = tmp_path / "two", tmp_path / "one"
     two.mkdir(), one.mkdir()
-    flags = ["--epochs", "2", "--batch-size", "32"]  # 94 images: batches of 32 and a last of 30, split evenly
+    flags = ["--epochs", "2", "--batch-size", "32"]  # 94 images, 32 held out: batches of 32 and 30, split evenly
     done, _ = torchrun(tmp_path, cli(two, data_dir, *flags))
     assert done.returncode == 0, done.stderr
 
@@ -1318,7 +1327,8 @@ assert lesson.confusion_matrix(model, [(x[None], torch.tensor([1]))]).sum() == 1
 
 def copied(names):
     """The imports, then the top-level statements of mnist_train.py that define `names`, in file order."""
-    text = open(os.path.join(HERE, "mnist_train.py")).read()
+    with open(os.path.join(HERE, "mnist_train.py")) as f:
+        text = f.read()
     tree = ast.parse(text)
 
     def defines(node):
@@ -1362,7 +1372,8 @@ def test_a_function_copied_with_what_the_readme_names_runs(names, tmp_path):
 
 @pytest.mark.parametrize("cut", LESSON_CUTS)
 def test_the_lesson_cut_out_of_the_file_runs_on_its_own(cut, tmp_path):
-    text = open(os.path.join(HERE, "mnist_train.py")).read()
+    with open(os.path.join(HERE, "mnist_train.py")) as f:
+        text = f.read()
     (tmp_path / "lesson.py").write_text(text[: text.index(cut)])
     assert "def main" not in (tmp_path / "lesson.py").read_text()
     # A fresh interpreter in another folder: nothing of the machinery can be found there.
@@ -1665,7 +1676,8 @@ def test_a_closed_or_full_stdout_stops_with_the_usual_line_and_the_checkpoint_sa
     job.stdout.close()
     err = job.stderr.read()
     assert job.wait(timeout=60) == 1 and err.count("\n") == 1, err
-    assert err.startswith(f"error: standard output was closed: stopped; {tmp_path / 'checkpoint.pt'} holds epoch 1 of 3")
+    checkpoint = tmp_path / "checkpoint.pt"
+    assert err.startswith(f"error: standard output was closed: stopped; {checkpoint} holds epoch 1 of 3")
     assert torch.load(tmp_path / "checkpoint.pt")["epoch"] == 1
     if os.path.exists("/dev/full"):  # `> /dev/full`: the header cannot be written; nothing starts
         (tmp_path / "full").mkdir()
@@ -1710,15 +1722,17 @@ def test_an_existing_save_file_that_is_not_a_model_is_never_replaced(fake_mnist,
 
 
 def test_resuming_on_another_number_of_images_is_refused(tmp_path, capsys):
-    # The schedule counts steps: a checkpoint of 300 images an epoch would run out of schedule on 600.
-    small, large = write_fake_mnist(tmp_path / "small", n_train=300, n_test=20), write_fake_mnist(tmp_path / "large", n_train=640)
+    # The schedule counts steps: a checkpoint of 268 images an epoch (32 held out) would run out of schedule on 608.
+    small = write_fake_mnist(tmp_path / "small", n_train=300, n_test=20)
+    large = write_fake_mnist(tmp_path / "large", n_train=640, n_test=20)
     mt.main(cli(tmp_path, small, "--epochs", "3"))
     checkpoint = torch.load(tmp_path / "checkpoint.pt")
     checkpoint["epoch"] = 1  # as if stopped after epoch 1
     checkpoint["scheduler"]["last_epoch"] //= 3
     torch.save(checkpoint, tmp_path / "checkpoint.pt")
     status, err = run_main_expecting_exit(cli(tmp_path, large, "--resume"), capsys)
-    assert status == 1 and "does not fit this data: after epoch 1 its schedule was at step 10, here 20" in err and err.count("\n") == 1
+    assert status == 1 and err.count("\n") == 1
+    assert "does not fit this data: after epoch 1 its schedule was at step 9, here 19" in err
     mt.main(cli(tmp_path, small, "--resume"))  # on its own data it resumes
 
 
@@ -1743,3 +1757,52 @@ def test_an_unreadable_mnist_file_says_permission_denied_not_damaged(fake_mnist,
     with mock.patch("mnist_train.open", create=True, side_effect=PermissionError(errno.EACCES, "Permission denied")):
         status, err = run_main_expecting_exit(cli(tmp_path, fake_mnist), capsys)
     assert status == 1 and err.rstrip().endswith("train-images-idx3-ubyte: permission denied"), err
+
+
+# ---------------------------------------------------------------------------
+# A validation split: choose on it, touch the test set once (issue 18)
+# ---------------------------------------------------------------------------
+
+
+def test_the_test_set_is_touched_once_after_the_last_epoch(fake_mnist, tmp_path, monkeypatch, capsys):
+    events, real = [], mt.iterate_batches
+
+    def logged(x, y, batch_size, generator=None, *rest):  # training passes draw an order; evaluation's don't
+        events.append("train" if generator is not None else len(y))
+        return real(x, y, batch_size, generator, *rest)
+
+    monkeypatch.setattr(mt, "iterate_batches", logged)
+    metrics = mt.main(cli(tmp_path, fake_mnist, "--epochs", "3"))  # 320 training images, 32 held out; 100 test
+    assert events == ["train", 32] * 3 + [100, 100]  # each epoch validates; then the test set: evaluate, confusions
+    out = capsys.readouterr().out.splitlines()
+    assert all(" val loss " in line and " test " not in line for line in out[1:4])
+    assert out[-1] == f"test accuracy {100 * metrics['test_accuracy']:.2f}% | model saved to {tmp_path / 'model.pth'}"
+    assert [entry["val_accuracy"] is not None for entry in metrics["history"]] == [True] * 3
+
+
+def test_val_size_0_trains_on_every_image_and_validates_nothing(fake_mnist, tmp_path, monkeypatch, capsys):
+    trained_on, real = [], mt.train_epoch
+
+    def counting(model, batches, *rest):
+        batches = list(batches)
+        trained_on.append(sum(len(y) for _, y in batches))
+        return real(model, batches, *rest)
+
+    monkeypatch.setattr(mt, "train_epoch", counting)
+    mt.main([*cli(tmp_path, fake_mnist, "--epochs", "1"), "--val-size", "0"])
+    assert trained_on == [320]
+    assert " val " not in capsys.readouterr().out.splitlines()[1]
+
+
+def test_the_split_is_a_setting_of_the_checkpoint(fake_mnist, tmp_path, capsys):
+    mt.main(cli(tmp_path, fake_mnist, "--epochs", "1"))
+    argv = cli(tmp_path, fake_mnist, "--resume", "--epochs", "2")
+    status, err = run_main_expecting_exit([*argv, "--val-size", "64"], capsys)
+    assert status == 1 and "--val-size 64 does not match the checkpoint's 32: drop --val-size to resume" in err
+    checkpoint = torch.load(tmp_path / "checkpoint.pt")
+    del checkpoint["settings"]["val_size"]  # as written before --val-size: trained on every image
+    torch.save(checkpoint, tmp_path / "checkpoint.pt")
+    status, err = run_main_expecting_exit(argv, capsys)
+    assert status == 1 and "--val-size 32 does not match the checkpoint's 0" in err
+    status, err = run_main_expecting_exit([*cli(tmp_path, fake_mnist, "--epochs", "1"), "--val-size", "320"], capsys)
+    assert status == 1 and "--val-size 320 leaves none of the 320 training images to train on" in err
