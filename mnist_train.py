@@ -33,6 +33,7 @@ Run:
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import errno
 import fcntl
 import math
@@ -502,7 +503,10 @@ EVAL_BATCH_SIZE = 1000  # no gradients are kept, so evaluation can take bigger b
 def resolve_settings(run, device):
     """(settings, checkpoint): each setting the flag's, else the checkpoint's (resuming), else DEFAULTS'.
     Refuses, before any training, what cannot run or would destroy a file."""
-    args, training = run.args, run.args.epochs != 0
+    args, training, job = run.args, run.args.epochs != 0, os.environ.get("TORCHELASTIC_RUN_ID")  # torchrun's job id
+    if run.restarts and training and not args.resume:  # torchrun restarted the workers (--max-restarts): go on from
+        with contextlib.suppress(UserError):  # this job's own checkpoint; with none yet (or another job's), start over
+            args.resume = read_checkpoint(args.checkpoint, device)["settings"].get("job") == job
     if training and run.master_process:  # one process writes the files: refuse now, not after an hour
         check_writable(args.save, "--save", read_torch_file)  # an existing file must be one we wrote
         old = check_writable(args.checkpoint, "--checkpoint", None if args.resume else read_checkpoint)
@@ -518,16 +522,23 @@ def resolve_settings(run, device):
             raise UserError(f"{flag} {asked} does not match the checkpoint's {saved[key]}: drop {flag} to resume")
     settings = {key: saved[key] if getattr(args, key) is None else getattr(args, key) for key in DEFAULTS}
     settings["lr"] = settings["lr"] or DEFAULT_LR[settings["optimizer"]]
+    settings["job"] = job  # which torchrun job writes the checkpoint: its restarts resume only their own
     if checkpoint and checkpoint["epoch"] > settings["epochs"]:
         raise UserError(f"{args.checkpoint} has already trained {checkpoint['epoch']} epochs: ask more of --epochs")
     if training and settings["batch_size"] < run.world_size:  # every process needs a part of every batch
         raise UserError(f"--batch-size {settings['batch_size']} is smaller than the {run.world_size} processes")
+    # On each machine one process downloads MNIST if it is missing, while the others wait (all_start_or_none's
+    # agreement is the barrier: a failed download ends every process with one line).
+    with all_start_or_none(run):
+        if run.local_rank == 0:
+            load_mnist(args.data_dir, True, None)
     return settings, checkpoint
 
 
 def header(run, settings, device):
     """The run's first line: what trains, where, and how; with --epochs 0, what is evaluated."""
     s, processes = settings, f", {run.world_size} processes under torchrun" if dist.is_initialized() else ""
+    processes += f", restart {run.restarts}{'' if run.args.resume else ' from scratch'}" if run.restarts else ""
     what = (f"seed {s['seed']}, {s['optimizer']} lr {s['lr']:g}, batch {s['batch_size']}, {s['epochs']} epoch"
             f"{'' if s['epochs'] == 1 else 's'}" if run.args.epochs != 0 else f"evaluating {run.args.load}")
     return f"mnist_train: torch {torch.__version__}, device {device}, {what}{processes}"
@@ -612,7 +623,8 @@ MNIST_MIRROR = "https://ossci-datasets.s3.amazonaws.com/mnist/"
 
 
 def load_mnist(data_dir, train, device):
-    """Return one MNIST split as (x, y) on `device`: x [N, 1, 28, 28] normalized float32, y [N] int64.
+    """Return one MNIST split as (x, y) on `device`: x [N, 1, 28, 28] normalized float32, y [N] int64 (device
+    None: nothing, once the files are there).
 
     Reads torchvision's raw files itself, checked (a file from elsewhere is one line, never a crash, and
     a leftover processed/*.pt is never preferred); torchvision only downloads them when they are missing.
@@ -632,6 +644,8 @@ def load_mnist(data_dir, train, device):
             reason = (str(error).strip().splitlines() or [type(error).__name__])[-1]
             raise UserError(f"MNIST is not in {raw} and could not be downloaded ({reason}); offline, put the four "
                             f"files {', '.join(MNIST_FILES)} there, gunzipped from {MNIST_MIRROR}<name>.gz") from None
+    if device is None:  # only make sure the files are there
+        return None
     x, y = read_idx(images, 3), read_idx(labels, 1)
     for wrong, why in ((x.shape[1:] != (28, 28), f"{images} holds {tuple(x.shape[1:])} images, not MNIST's 28x28"),
                        (len(y) != len(x), f"{labels} holds {len(y)} labels for {len(x)} images in {images}"),
@@ -838,6 +852,7 @@ class Run:
     rank: int = 0  # 0 to world_size - 1, over all machines
     world_size: int = 1
     local_rank: int = 0  # its index on this machine: also its GPU
+    restarts: int = 0  # how often torchrun restarted the workers of this job (--max-restarts)
     training: bool = False  # True once the epochs are about to begin; never with --epochs 0
     epochs: int = 0  # the run's total
     epochs_done: int = 0  # the epoch --checkpoint holds for this run
@@ -850,10 +865,9 @@ class Run:
 
 @contextlib.contextmanager
 def one_line_errors(run):
-    """Within the block, whatever ends the run early ends it with one line on stderr: a problem the user can
-    fix (UserError), or a closed or full stdout (`| head -1`, `> /dev/full`), with status 1; Ctrl-C, SIGTERM
-    (how Slurm, docker and torchrun stop a process) and SIGHUP (the terminal closed), where Python's default
-    dies saying nothing, with 128 + the signal's number."""
+    """Within the block, whatever ends the run early ends it with one line on stderr: a UserError, a closed or
+    full stdout (`| head -1`, `> /dev/full`) with status 1; Ctrl-C, SIGTERM (how Slurm, docker and torchrun
+    stop a process), SIGHUP (the terminal closed; Python's default says nothing) with 128 + the signal."""
 
     def stop(signum, frame):
         # One is enough: later ones (under torchrun, Ctrl-C comes from the terminal and again from torchrun)
@@ -881,11 +895,12 @@ def one_line_errors(run):
         why = "was closed" if error.errno == errno.EPIPE else "is full"
         line, status = f"error: standard output {why}: stopped; {resume_hint(run, 'continue with')}", 1
     except RuntimeError as error:
-        # Under torchrun, a collective found another process gone: NCCL raises a DistError, gloo
-        # a RuntimeError from its TCP transport ("Connection closed by peer" or "reset by peer").
-        if not (dist.is_initialized() and (isinstance(error, dist.DistError) or "by peer" in str(error))):
+        # Under torchrun, a collective found another process gone or stalled past the timeout: NCCL raises a
+        # DistError, gloo a RuntimeError ("Connection closed by peer", "reset by peer", "Timed out waiting").
+        if not (dist.is_initialized() and (isinstance(error, dist.DistError) or "by peer" in str(error)
+                                           or "Timed out" in str(error))):
             raise
-        line, status = "error: another process of this job stopped (torchrun's summary names it); ", 1
+        line, status = "error: another process of this job stopped or stalled (torchrun's summary names it); ", 1
         line += resume_hint(run, "continue with")
     finally:
         for sig, handler in previous.items():
@@ -1132,9 +1147,17 @@ def torchrun_processes(args):
     to meet, MASTER_ADDR), with the process group up. Without all four, one process runs alone."""
     env, run = os.environ, Run(args)
     if all(name in env for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")):
-        run = Run(args, int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]))
+        names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RESTART_COUNT")  # the last: torchrun's alone
+        run = Run(args, *(int(env.get(name, 0)) for name in names))
+        # torch 2.14's torchrun keeps one store across restarts, and restarted workers can read the dead ones'
+        # addresses and fail to meet (as in pytorch/pytorch#135712): each attempt gets keys of its own.
+        store = dist.PrefixStore(f"attempt_{run.restarts}", next(dist.rendezvous("env://"))[0])
         # NCCL moves CUDA tensors between GPUs; gloo moves CPU tensors, and needs no GPU at all.
-        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        # A collective waits this long for a stalled peer (NCCL's default 10 minutes, gloo's 30): an epoch
+        # takes seconds, and a job that cannot go on should end (or restart) soon.
+        timeout = datetime.timedelta(minutes=2)
+        dist.init_process_group(backend, store=store, rank=run.rank, world_size=run.world_size, timeout=timeout)
     try:  # one voice: the others' prints go nowhere (print() skips a missing sys.stdout; this file only prints)
         with contextlib.redirect_stdout(sys.stdout if run.master_process else None):
             yield run

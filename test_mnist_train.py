@@ -18,6 +18,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import stat
 import statistics
 import struct
@@ -1125,7 +1126,7 @@ def test_atomic_save_flushes_the_file_then_renames_then_flushes_the_folder(tmp_p
 # A stand-in for `mnist_train.py` that torchrun starts: it logs which process writes which
 # file, and can make one process fail. Then it runs main() as the real script would.
 TORCHRUN_WORKER = """
-import os, sys
+import os, sys, time
 import mnist_train as mt
 
 rank, real_atomic_save = os.environ["RANK"], mt.atomic_save
@@ -1138,15 +1139,33 @@ def logged_atomic_save(obj, path):
 def data_broken_here(*args, **kwargs):
     raise mt.UserError(f"process {rank}'s copy of MNIST is corrupt")
 
-def crash_at_epoch_2(*args, real=mt.train_epoch, epochs=[]):
+def crash_at_an_epoch(*args, real=mt.train_epoch, epochs=[]):
     epochs.append(1)
-    if len(epochs) == 2:
+    if len(epochs) == int(os.environ.get("CRASH_AT", 2)):
+        checkpoint = sys.argv[sys.argv.index("--checkpoint") + 1]
+        while len(epochs) > 1 and not os.path.exists(checkpoint):  # rank 0 writes the last epoch's
+            time.sleep(0.05)
         os._exit(1)  # as a process that dies from a segfault or the OOM killer
     return real(*args)
 
+def counted_download(root, train=True, download=False):  # torchvision's MNIST download, without a network
+    import test_mnist_train
+    if not os.path.exists(os.path.join(root, "MNIST", "raw", mt.MNIST_FILES[0])):
+        with open(os.environ["FETCHES_LOG"], "a") as log:
+            log.write(rank + "\\n")
+        time.sleep(0.5)  # a download takes a while: a process that did not wait would fetch as well
+        test_mnist_train.write_fake_mnist(root)
+
+def offline(*args, **kwargs):
+    raise RuntimeError("Error downloading train-images-idx3-ubyte.gz: no network")
+
 mt.atomic_save = logged_atomic_save
-if rank == os.environ.get("FAIL_ON_RANK"):
-    fault = {"data": ("load_mnist", data_broken_here), "crash": ("train_epoch", crash_at_epoch_2)}
+if os.environ.get("FAULT") in ("download", "offline"):  # every process: a stand-in for torchvision's MNIST
+    import types
+    sys.modules["torchvision"] = types.SimpleNamespace(datasets=types.SimpleNamespace(
+        MNIST={"download": counted_download, "offline": offline}[os.environ["FAULT"]]))
+elif rank == os.environ.get("FAIL_ON_RANK") and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":  # first attempt
+    fault = {"data": ("load_mnist", data_broken_here), "crash": ("train_epoch", crash_at_an_epoch)}
     setattr(mt, *fault[os.environ["FAULT"]])
 mt.main()
 """
@@ -1156,20 +1175,23 @@ mt.main()
 TORCHRUN_TOLERANCE = {"rtol": 0, "atol": 1e-4}
 
 
-def start_torchrun(tmp_path, argv, processes=2, env=None, **popen):
-    """Start TORCHRUN_WORKER under `torchrun --standalone` with `argv`; return the Popen, text pipes."""
+def start_torchrun(tmp_path, argv, processes=2, env=None, launcher=("--standalone",), **popen):
+    """Start TORCHRUN_WORKER under `torchrun --standalone` (or other `launcher` options) with `argv`; return the
+    Popen, text pipes."""
     script = tmp_path / "worker.py"
-    script.write_text(TORCHRUN_WORKER)
-    env = {**os.environ, "PYTHONPATH": HERE, "WRITES_LOG": str(tmp_path / "writes.log"), **(env or {})}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    if not script.exists():  # (two launchers share it)
+        script.write_text(TORCHRUN_WORKER)
+    env = {**os.environ, "PYTHONPATH": HERE, "WRITES_LOG": str(tmp_path / "writes.log"),
+           "FETCHES_LOG": str(tmp_path / "fetches.log"), **(env or {})}  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", *launcher, f"--nproc_per_node={processes}"]
     return subprocess.Popen([*command, str(script), *argv], cwd=HERE, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)  # fmt: skip
 
 
-def torchrun(tmp_path, argv, processes=2, **env):
-    """Run TORCHRUN_WORKER under `torchrun --standalone` to the end; return (CompletedProcess, seconds)."""
+def torchrun(tmp_path, argv, processes=2, launcher=("--standalone",), **env):
+    """Run TORCHRUN_WORKER under `torchrun` to the end; return (CompletedProcess, seconds)."""
     start = time.monotonic()
-    job = start_torchrun(tmp_path, argv, processes, env)
+    job = start_torchrun(tmp_path, argv, processes, env, launcher)
     out, err = job.communicate(timeout=300)
     return subprocess.CompletedProcess(job.args, job.returncode, out, err), time.monotonic() - start
 
@@ -1189,20 +1211,29 @@ def worker_tracebacks(stderr):
     return [line for line in stderr.splitlines() if line.startswith("[rank")]
 
 
-def test_torchrun_with_two_processes_follows_one_process(tmp_path):
-    data_dir = write_uneven_mnist(tmp_path / "data")
-    two, one = tmp_path / "two", tmp_path / "one"
-    two.mkdir(), one.mkdir()
-    flags = ["--epochs", "2", "--batch-size", "32"]  # 94 images, 32 held out: batches of 32 and 30, split evenly
-    done, _ = torchrun(tmp_path, cli(two, data_dir, *flags))
+@pytest.fixture(scope="module")
+def two_process_job(tmp_path_factory):
+    """(data folder, the job's folder, its CompletedProcess, its final weights) of an uninterrupted job of two
+    processes, 2 epochs: the tests of torchrun compare with it."""
+    folder = tmp_path_factory.mktemp("torchrun")
+    data_dir, two = write_uneven_mnist(folder / "data"), folder / "two"
+    two.mkdir()
+    done, _ = torchrun(folder, cli(two, data_dir, "--epochs", "2"))  # 62 trained on: batches of 32 and 30, split evenly
     assert done.returncode == 0, done.stderr
+    return data_dir, folder, done, torch.load(two / "model.pth")
+
+
+def test_torchrun_with_two_processes_follows_one_process(two_process_job, tmp_path):
+    data_dir, folder, done, _ = two_process_job
+    two, one, flags = folder / "two", tmp_path / "one", ["--epochs", "2"]
+    one.mkdir()
 
     # One voice: rank 0 prints the header, each epoch, the per-digit report and the final
     # line, once; it alone writes.
     out = done.stdout.splitlines()
     assert len(out) == 6 and out[0].endswith("2 epochs, 2 processes under torchrun"), out
     assert [line.split()[1] for line in out[1:3]] == ["1/2", "2/2"]
-    assert {line.split()[0] for line in (tmp_path / "writes.log").read_text().splitlines()} == {"0"}
+    assert {line.split()[0] for line in (folder / "writes.log").read_text().splitlines()} == {"0"}
     assert not worker_tracebacks(done.stderr)
 
     # The plain model's state_dict (no "module."), equal to one process's up to float rounding.
@@ -1806,3 +1837,70 @@ def test_the_split_is_a_setting_of_the_checkpoint(fake_mnist, tmp_path, capsys):
     assert status == 1 and "--val-size 32 does not match the checkpoint's 0" in err
     status, err = run_main_expecting_exit([*cli(tmp_path, fake_mnist, "--epochs", "1"), "--val-size", "320"], capsys)
     assert status == 1 and "--val-size 320 leaves none of the 320 training images to train on" in err
+
+
+# ---------------------------------------------------------------------------
+# torchrun's restarts, download once, two machines rehearsed on one (issue 17)
+# ---------------------------------------------------------------------------
+
+
+def ours(stderr):
+    return [line for line in stderr.splitlines() if line.startswith(("error", "terminated", "interrupted"))]
+
+
+@pytest.mark.parametrize("crash_at", [2, 1])  # after epoch 1's checkpoint; before any
+def test_a_worker_killed_costs_the_epoch_in_flight_not_the_job(crash_at, two_process_job, tmp_path):
+    data_dir, _, _, uninterrupted = two_process_job
+    argv, launcher = cli(tmp_path, data_dir, "--epochs", "2"), ("--standalone", "--max-restarts=1")
+    done, _ = torchrun(tmp_path, argv, launcher=launcher, FAIL_ON_RANK="1", FAULT="crash", CRASH_AT=str(crash_at))
+    assert done.returncode == 0, done.stderr
+    out = done.stdout.splitlines()
+    headers = [line for line in out if line.startswith("mnist_train: ")]
+    resumed = [line for line in out if line.startswith("resumed from ")]
+    if crash_at == 2:  # torchrun restarts both workers; they resume this job's checkpoint, and say so
+        assert headers[1].endswith(", 2 processes under torchrun, restart 1")
+        assert resumed == [f"resumed from {tmp_path / 'checkpoint.pt'} after epoch 1"]
+    else:
+        assert headers[1].endswith(", 2 processes under torchrun, restart 1 from scratch") and not resumed
+    assert {line.split()[0] for line in (tmp_path / "writes.log").read_text().splitlines()} == {"0"}
+    assert not worker_tracebacks(done.stderr)
+    assert_same_state(torch.load(tmp_path / "model.pth"), uninterrupted)  # gloo on the CPU: bit for bit
+
+
+def test_a_restart_never_resumes_a_run_the_first_attempt_refused(two_process_job, tmp_path, capsys):
+    data_dir, *_ = two_process_job
+    mt.main(cli(tmp_path, data_dir, "--epochs", "1"))
+    checkpoint = torch.load(tmp_path / "checkpoint.pt")
+    checkpoint["settings"]["epochs"] = 3  # another job's unfinished run: epoch 1 of 3
+    torch.save(checkpoint, tmp_path / "checkpoint.pt")
+    argv = cli(tmp_path, data_dir, "--epochs", "3")
+    done, _ = torchrun(tmp_path, argv, launcher=("--standalone", "--max-restarts=1"))
+    assert done.returncode != 0
+    refusal = f"error: {tmp_path / 'checkpoint.pt'} holds an unfinished run (epoch 1 of 3): add --resume"
+    assert [line.startswith(refusal) for line in ours(done.stderr)] == [True, True]  # each attempt refuses it
+    assert torch.load(tmp_path / "checkpoint.pt")["epoch"] == 1
+
+
+def test_two_launchers_on_one_machine_run_as_one_job_of_two_processes(two_process_job, tmp_path):
+    data_dir, _, _, uninterrupted = two_process_job
+    with socket.socket() as free:  # a port for the rendezvous
+        free.bind(("localhost", 0))
+        port = free.getsockname()[1]
+    common = ("--nnodes=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{port}", "--rdzv-id=rehearsal")
+    argv = cli(tmp_path, data_dir, "--epochs", "2")
+    jobs = [start_torchrun(tmp_path, argv, 1, None, (*common, f"--node-rank={node}")) for node in (0, 1)]
+    results = [job.communicate(timeout=300) for job in jobs]
+    assert [job.returncode for job in jobs] == [0, 0], results
+    out = "".join(out for out, _ in results).splitlines()  # one voice: rank 0's, whichever launcher holds it
+    assert len(out) == 6 and out[0].endswith("2 epochs, 2 processes under torchrun"), out
+    for name, tensor in torch.load(tmp_path / "model.pth").items():  # ranks met another way: sums in another order
+        torch.testing.assert_close(tensor, uninterrupted[name], **TORCHRUN_TOLERANCE)
+
+
+def test_on_each_machine_one_process_downloads_mnist_while_the_others_wait(tmp_path):
+    done, _ = torchrun(tmp_path, cli(tmp_path, tmp_path / "data", "--epochs", "1"), FAULT="download")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "fetches.log").read_text().splitlines() == ["0"]  # local rank 0, once
+    offline, _ = torchrun(tmp_path, cli(tmp_path, tmp_path / "elsewhere", "--epochs", "1"), FAULT="offline")
+    assert offline.returncode != 0 and not worker_tracebacks(offline.stderr)
+    assert [line.split(" and ")[1][:25] for line in ours(offline.stderr)] == ["could not be downloaded ("]

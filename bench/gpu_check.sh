@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Everything the CUDA path needs proven, in one run on a GPU machine (about 5 minutes on an H200):
 # the test suite (its cuda cases run there, bench/cuda_graph.py's among them), the headline
-# command on real MNIST, the same under torchrun (one process, NCCL), --predict on the GPU, and
-# the benchmark (its way (d) replays each step as a CUDA graph). Usage: bash bench/gpu_check.sh PATH/TO/DATA [OUT_DIR]
+# command on real MNIST, the same under torchrun (one process, NCCL), a torchrun restart after a
+# kill, --predict on the GPU, and the benchmark (its way (d) replays each step as a CUDA graph).
+# Usage: bash bench/gpu_check.sh PATH/TO/DATA [OUT_DIR]
 # where PATH/TO/DATA holds MNIST/raw/. Logs go to OUT_DIR (default: a temporary folder);
 # weights and checkpoints to a temporary folder beside them, so OUT_DIR holds only logs.
 set -uo pipefail
@@ -22,6 +23,15 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee 
 MNIST_DATA_DIR="$data" python -m pytest -q -rs 2>&1 | tee "$out/tests.txt"
 train headline.txt model python mnist_train.py
 train torchrun.txt model-torchrun python -m torch.distributed.run --standalone --nproc_per_node=1 mnist_train.py
+# torchrun's restart on NCCL: one process, killed (SIGKILL) once epoch 2 is checkpointed; torchrun
+# restarts it, it resumes this job's checkpoint and ends with exit status 0 (the last line says).
+python -m torch.distributed.run --standalone --nproc_per_node=1 --max-restarts=1 mnist_train.py --epochs 5 \
+  --device cuda --data-dir "$data" --save "$files/restart.pth" --checkpoint "$files/restart.pt" > "$out/restart.txt" 2>&1 &
+job=$!
+for _ in $(seq 1 600); do grep -q "^epoch  2/" "$out/restart.txt" && break; sleep 0.2; done
+pkill -9 -n -f "mnist_train.py --epochs 5 --device cuda --data-dir $data --save $files/restart.pth"  # the worker
+wait $job
+echo "exit status $?" >> "$out/restart.txt"
 # --predict on the GPU: three test digits drawn as a user's PNG files, read with the headline model.
 python -c "import sys, test_mnist_train as t, torchvision
 test = torchvision.datasets.MNIST(sys.argv[1], train=False)
