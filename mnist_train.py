@@ -25,9 +25,11 @@ Run:
     python mnist_train.py                          # 5 epochs, best device, saves model.pth
     python mnist_train.py --epochs 5 --device cuda
     python mnist_train.py --resume                 # continue an interrupted run
+    python mnist_train.py --val-size 0             # train on all 60,000 images, as the guide does
     python mnist_train.py --epochs 0 --load model.pth   # only evaluate saved weights
     python mnist_train.py --predict my_seven.png        # read your own digit
     torchrun --standalone --nproc_per_node=2 mnist_train.py   # the same run on 2 processes
+    torchrun --standalone --nproc_per_node=2 --max-restarts=3 mnist_train.py   # a lost worker costs an epoch
 """
 
 import argparse
