@@ -1033,11 +1033,9 @@ def writing(run, path):
 
 
 def check_writable(path, flag, read=None):
-    """Raise UserError now, before any training, if `path` cannot be written, or if it holds a file that `read`
-    refuses (a file we did not write is never replaced); return what `read` found there, or None."""
+    """Raise UserError now, before any training, if `path` cannot be written, or if it holds something `read`
+    refuses (a file we did not write, a folder, a pipe: never replaced); return what `read` found there, or None."""
     folder = os.path.dirname(os.path.realpath(path))
-    if os.path.exists(path) and not os.path.isfile(path):  # a folder, a pipe, a device: never replaced
-        raise UserError(f"{flag} {path} is {'a folder' if os.path.isdir(path) else 'not a regular file'}: name a file")
     try:
         tempfile.TemporaryFile(dir=folder).close()  # a file beside it, as atomic_save will make
     except OSError as error:

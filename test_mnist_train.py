@@ -858,7 +858,10 @@ def test_unwritable_outputs_are_refused_before_training(flag, where, fake_mnist,
     (tmp_path / "a-file").write_text("")
     monkeypatch.setattr(mt, "load_mnist", lambda *args, **kwargs: pytest.fail("loaded data before checking outputs"))
     status, err = run_main_expecting_exit(cli(tmp_path, fake_mnist, flag, str(tmp_path / where)), capsys)
-    assert status == 1 and err.startswith(f"error: {flag} {tmp_path / where}")
+    if where == ".":  # a folder: never replaced
+        assert status == 1 and "is a folder, not a " in err and err.rstrip().endswith(f"pick another {flag}")
+    else:
+        assert status == 1 and err.startswith(f"error: {flag} {tmp_path / where}")
 
 
 def test_a_diverging_loss_stops_the_run_and_keeps_the_last_checkpoint(fake_mnist, tmp_path, capsys):
@@ -1904,3 +1907,12 @@ def test_on_each_machine_one_process_downloads_mnist_while_the_others_wait(tmp_p
     offline, _ = torchrun(tmp_path, cli(tmp_path, tmp_path / "elsewhere", "--epochs", "1"), FAULT="offline")
     assert offline.returncode != 0 and not worker_tracebacks(offline.stderr)
     assert [line.split(" and ")[1][:25] for line in ours(offline.stderr)] == ["could not be downloaded ("]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="FIFOs")
+@pytest.mark.parametrize("make", [os.mkdir, os.mkfifo], ids=["a folder", "a pipe"])
+def test_a_folder_or_a_pipe_at_save_is_refused_and_left_alone(make, fake_mnist, tmp_path, capsys):
+    make(tmp_path / "model.pth")
+    status, err = run_main_expecting_exit(cli(tmp_path, fake_mnist, "--epochs", "1"), capsys)
+    assert status == 1 and err.count("\n") == 1 and "not overwriting it: move it away or pick another --save" in err
+    assert os.path.exists(tmp_path / "model.pth") and not os.path.isfile(tmp_path / "model.pth")
