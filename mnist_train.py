@@ -315,7 +315,7 @@ def prepare_digit(image):
     gray = gray_on_white(image)
     # 2) MNIST is white ink on black. Which side is the paper? Decided from the picture.
     ink = 1 - gray if paper_is_light(gray) else gray
-    # 3) Subtract the paper's level, so gray paper and uneven light don't read as faint ink.
+    # 3) Subtract the paper's level, so gray paper, uneven light, shadows and ruled lines don't read as ink.
     ink = ink - paper_level(ink)
     strongest = max(0.0, float(ink.max()))
     if strongest < MIN_INK:
@@ -376,13 +376,18 @@ def paper_is_light(gray):
 
 
 def paper_level(ink):
-    """The level of the paper under each pixel of `ink` (ink bright, paper dark): a smooth surface."""
-    # The darkest pixel of each of 32x32 cells, then the darkest within 9 cells around (a
-    # quarter of the picture: wider than any stroke, narrower than a lighting gradient), smoothed.
+    """The level of the paper under each pixel of `ink` (ink bright, paper dark): its surface under light and
+    shadow, plus the ruled lines and margin printed across it."""
+    # The darkest pixel of each of 32x32 cells; then an opening (the darkest within 5 cells around, then the
+    # brightest of those): a shape narrower than 5 cells, a stroke, goes; a wider one, a shadow's edge, stays.
     cells = -F.adaptive_max_pool2d(-ink[None, None], 32)
-    cells = -F.max_pool2d(-cells, 9, stride=1, padding=4)
-    cells = F.avg_pool2d(cells, 9, stride=1, padding=4, count_include_pad=False)
-    return F.interpolate(cells, size=ink.shape, mode="bilinear")[0, 0]
+    cells = F.max_pool2d(-F.max_pool2d(-cells, 5, stride=1, padding=2), 5, stride=1, padding=2)
+    level = F.interpolate(cells, size=ink.shape, mode="bilinear")[0, 0]
+    # Ruled lines and a margin run across the page: a row or column inked along 90% of its length is paper
+    # there (a stroke that crosses the line is darker than the line, and survives).
+    rest = ink - level
+    lines = rest.quantile(0.1, dim=1, keepdim=True).clamp(min=0) + rest.quantile(0.1, dim=0, keepdim=True).clamp(min=0)
+    return level + lines
 
 
 def digit_pieces(ink):
