@@ -41,6 +41,7 @@ import mnist_train as mt
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench"))
 import cuda_graph  # noqa: E402  (bench/cuda_graph.py: the former --cuda-graph, now the benchmark's way (d))
+import step7_pages  # noqa: E402  (bench/step7_pages.py: digits written on ruled and shadowed pages)
 
 # One place for Hypothesis settings. Training and CUDA make example times vary, so no
 # deadline; the `ci` profile (chosen when CI is set) is derandomized: same examples each run.
@@ -1921,9 +1922,7 @@ def test_a_folder_or_a_pipe_at_save_is_refused_and_left_alone(make, fake_mnist, 
 # ---------------------------------------------------------------------------
 # Step 7 on real paper (issue 16, begun): ruled pages and shadows
 # ---------------------------------------------------------------------------
-# bench/step7_pages.py writes digits on such pages and measures how many are read.
-sys.path.insert(0, os.path.join(HERE, "bench"))
-import step7_pages  # noqa: E402
+# bench/step7_pages.py (imported at the top) writes digits on such pages and measures how many are read.
 
 
 def prepared_on_pages(seed, scale, kind, folder):
