@@ -40,6 +40,7 @@ import errno
 import fcntl
 import math
 import os
+import re
 import shlex
 import signal
 import sys
@@ -798,14 +799,10 @@ def parse_args(argv=None):
     add("--load", metavar="PATH", help="start from these saved weights")
     add("--predict", nargs="+", metavar="IMAGE", help="read the digit in each image with the model in --load")
     args = parser.parse_args(argv)
-    try:
-        device_type = "cpu" if args.device == "auto" else torch.device(args.device).type
-    except RuntimeError:  # not a device torch knows
-        device_type = None
     given = [f"--{name.replace('_', '-')}" for name in ("resume", "epochs") if getattr(args, name)]
     for wrong, why in (
-        (device_type not in ("cpu", "cuda", "mps"), f"argument --device: unknown device {args.device!r}: use auto, "
-                                                    "cpu, cuda, cuda:N or mps"),
+        (not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", args.device),
+         f"argument --device: unknown device {args.device!r}: use auto, cpu, cuda, cuda:N or mps"),
         (args.predict and given, f"--predict trains nothing: drop {given[0] if given else ''}"),
         (args.predict and "RANK" in os.environ, "--predict reads a few images in one process: run it with python"),
         (args.resume and args.load, "--resume and --load exclude each other: --resume already restores the weights"),
@@ -882,8 +879,8 @@ def one_line_errors(run):
             signal.signal(sig, signal.SIG_IGN)
         raise KeyboardInterrupt(signum)
 
-    on_main_thread = threading.current_thread() is threading.main_thread()  # only it can take signals
-    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if on_main_thread else ()
+    main_thread = threading.current_thread() is threading.main_thread()  # only it can take signals
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if main_thread else ()
     previous = {sig: signal.signal(sig, stop) for sig in signals}
     try:
         yield
@@ -927,10 +924,9 @@ def resume_hint(run, go_on=None):
         return f"{args.checkpoint} is gone as well: nothing of this run is left"
     script = sys.argv[0] if os.path.basename(sys.argv[0]) == os.path.basename(__file__) else os.path.basename(__file__)
     defaults = parse_args([])
-    for name in ("checkpoint", "data_dir", "save", "device"):  # the flags that differ; the checkpoint holds the rest
+    for name in ("checkpoint", "data_dir", "save", "device", "epochs"):  # those given; the checkpoint holds the rest
         if getattr(args, name) != getattr(defaults, name):
             flags += ["--" + name.replace("_", "-"), str(getattr(args, name))]
-    flags += ["--epochs", str(args.epochs)] if args.epochs is not None else []
     held = f"{args.checkpoint} holds epoch {run.epochs_done} of {run.epochs}"
     # What starts the same job again: python; under torchrun on one machine, this line; on several, the user's own.
     launcher = "python" if not dist.is_initialized() else f"torchrun --standalone --nproc_per_node={run.world_size}" \
