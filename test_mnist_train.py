@@ -1621,13 +1621,13 @@ def test_predict_without_a_model_says_how_to_make_one(tmp_path, capsys):
 
 @needs_real_mnist
 def test_real_mnist_digits_drawn_as_users_pictures_are_read(real_mnist_seed_0, tmp_path):
-    # 1,000 test digits as a user's files would hold them: black on white, 2-5x larger,
+    # 500 test digits as a user's files would hold them: black on white, 2-5x larger,
     # anywhere in a bigger canvas, as PNG and as JPEG; prepared, then read by the model.
     model = mt.load(mt.build_model(), real_mnist_seed_0[1])
     test_set = torchvision.datasets.MNIST(os.environ["MNIST_DATA_DIR"], train=False)
     g = torch.Generator().manual_seed(0)
     correct = {"PNG": 0, "JPEG": 0}
-    for digit, label in zip(test_set.data[:1000], test_set.targets[:1000].tolist()):
+    for digit, label in zip(test_set.data[:500], test_set.targets[:500].tolist()):
         scale = 2 + 3 * torch.rand((), generator=g).item()
         margins = (int(torch.randint(20, 150, (), generator=g)), int(torch.randint(20, 200, (), generator=g)))
         where = tuple(torch.rand(2, generator=g).tolist())
@@ -1636,7 +1636,7 @@ def test_real_mnist_digits_drawn_as_users_pictures_are_read(real_mnist_seed_0, t
             save_as_users_file(digit, path, scale, margins, where, True, f"L {codec}")
             x = mt.prepare_digit(mt.read_image(path))
             correct[codec] += int(mt.predict(model, x[None]).argmax()) == label
-    assert min(correct.values()) >= 970, correct
+    assert min(correct.values()) >= 485, correct  # 97%
 
 
 # ---------------------------------------------------------------------------
