@@ -36,9 +36,9 @@ def ink_of(digit, scale, thin=0):
     return ink
 
 
-def page(kind, ink, g):
-    """An RGB uint8 [H, W, 3] page of `kind` with `ink` written on it somewhere."""
-    height, width = (480, 640) if kind == "fine pen" else (ink.shape[0] + 120, ink.shape[1] + 160)
+def page(kind, ink, g, margin=60):
+    """An RGB uint8 [H, W, 3] page of `kind` with `ink` written on it somewhere: 2 * `margin` px taller than it."""
+    height, width = (480, 640) if kind == "fine pen" else (ink.shape[0] + 2 * margin, ink.shape[1] + 2 * margin + 40)
     paper = torch.ones(3, height, width)
     colour = torch.tensor([0.05, 0.05, 0.05])
     if kind == "ruled":
