@@ -382,8 +382,9 @@ def paper_level(ink):
     cells = F.max_pool2d(-F.max_pool2d(-cells, 5, stride=1, padding=2), 5, stride=1, padding=2)
     level = F.interpolate(cells, size=ink.shape, mode="bilinear")[0, 0]
     # A digit cropped tight has little paper: there the opening takes a stroke wider than 5 cells for paper. Seen
-    # when the paper it finds rises to 75% of the ink's strength (a shadow dims paper less); its paper is its darkest.
-    if level.max() - level.min() > 0.75 * (ink.max() - level.min()):
+    # when the paper it finds rises to 75% of the ink's strength (a shadow dims paper less) while some ink stands
+    # out of it (a blank page under uneven light has none); then its paper is its darkest.
+    if level.max() - level.min() > 0.75 * (ink.max() - level.min()) and (ink - level).max() >= MIN_INK:
         return torch.full_like(ink, float(cells.min()))
     # Ruled lines and a margin run across the page: a row or column inked along 90% of its length is paper
     # there (a stroke that crosses the line is darker than the line, and survives).

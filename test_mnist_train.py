@@ -1515,7 +1515,9 @@ def test_prepare_digit_keeps_the_aspect_ratio():
 
 
 def test_prepare_digit_refuses_a_picture_without_ink():
-    for blank in (torch.full((1, 60, 80), 255, dtype=torch.uint8), torch.full((3, 40, 40), 90, dtype=torch.uint8)):
+    lit_unevenly = (242 - 64 * torch.linspace(0, 1, 300)).round().to(torch.uint8).expand(1, 200, 300)  # no ink either
+    for blank in (torch.full((1, 60, 80), 255, dtype=torch.uint8), torch.full((3, 40, 40), 90, dtype=torch.uint8),
+                  lit_unevenly):
         with pytest.raises(ValueError, match="no ink found"):
             mt.prepare_digit(blank)
 
