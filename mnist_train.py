@@ -376,16 +376,22 @@ def ink_on_black(image):
 def paper_level(ink):
     """The level of the paper under each pixel of `ink` (ink bright, paper dark): its surface under light and
     shadow, plus the ruled lines and margin printed across it."""
-    # The darkest pixel of each of 32x32 cells; then an opening (the darkest within 5 cells around, then the
-    # brightest of those): a shape narrower than 5 cells, a stroke, goes; a wider one, a shadow's edge, stays.
+    # The darkest pixel of each of 32x32 cells; then an opening (the darkest within n cells around, then the
+    # brightest of those): a shape narrower than n cells goes (at 5, a stroke); a wider one, a shadow's edge, stays.
     cells = -F.adaptive_max_pool2d(-ink[None, None], 32)
-    cells = F.max_pool2d(-F.max_pool2d(-cells, 5, stride=1, padding=2), 5, stride=1, padding=2)
-    level = F.interpolate(cells, size=ink.shape, mode="bilinear")[0, 0]
-    # A digit cropped tight has little paper: there the opening takes a stroke wider than 5 cells for paper. Seen
-    # when the paper it finds rises to 75% of the ink's strength (a shadow dims paper less) while some ink stands
-    # out of it (a blank page under uneven light has none); then its paper is its darkest.
-    if level.max() - level.min() > 0.75 * (ink.max() - level.min()) and (ink - level).max() >= MIN_INK:
-        return torch.full_like(ink, float(cells.min()))
+    paper, wide = (F.max_pool2d(-F.max_pool2d(-cells, n, 1, n // 2), n, 1, n // 2)[0, 0] for n in (5, 19))
+    level = F.interpolate(paper[None, None], size=ink.shape, mode="bilinear")[0, 0]
+    # Strokes wider than 5 cells (a bold digit with little paper around it) stay too. A shadow comes in from the
+    # picture's edge and is wide; so where this paper rises inside 30% of the ink's strength above all of the edge's,
+    # or, in a digit cropped tight (strong ink reaching across it), 60% in shapes narrower than 19 cells, it is
+    # strokes: then the paper is flat, its darkest.
+    strength, flat = ink.max() - paper.min(), torch.full_like(ink, float(paper.min()))
+    strong = ink > paper.min() + strength / 2
+    across = (strong[0].any() and strong[-1].any()) or (strong[:, 0].any() and strong[:, -1].any())
+    if across and (paper - wide).max() > 0.6 * strength:
+        return flat  # cropped tight: no ruled lines to take out, and the digit's bars run across it
+    if paper.max() - torch.cat([paper[0], paper[-1], paper[:, 0], paper[:, -1]]).max() > 0.3 * strength:
+        level = flat
     # Ruled lines and a margin run across the page: a row or column inked along 90% of its length is paper
     # there (a stroke that crosses the line is darker than the line, and survives).
     rest = ink - level

@@ -2022,6 +2022,30 @@ def test_a_digit_cropped_tight_prepares_as_with_paper_around_it(seed, scale, tmp
     assert alike(*prepared)
 
 
+def bold_digit(seed):
+    """float [64, ~64], ink 1: like scikit-learn's digits, a digit written with a thick pen, cropped to it, averaged
+    down to 8 px and scaled back up 8x. Its blurred strokes are an eighth to a quarter of the picture wide."""
+    ink = F.max_pool2d(drawn_digit(seed).float()[None, None] / 255, 3, stride=1, padding=1)[0, 0]
+    rows, cols = ink.any(1).nonzero()[:, 0], ink.any(0).nonzero()[:, 0]
+    ink = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    ink = F.adaptive_avg_pool2d(ink[None, None], [max(1, round(8 * n / max(ink.shape))) for n in ink.shape])
+    ink = F.interpolate(ink, scale_factor=8, mode="bilinear")[0, 0]
+    return ink / ink.max()
+
+
+@pytest.mark.parametrize("margin", [0, 6])
+def test_a_bold_digit_with_little_paper_prepares_as_with_much(margin, tmp_path):
+    # Strokes wider than the opening's window (5 cells of 32) pass for paper there, as a shadow would: with paper
+    # all round (6 px) or none (the strokes reach across), they must not. 18 of 20, as a few differ by the crop.
+    seeds, prepared = [seed for seed in range(21) if seed != 12], {}  # 12, cropped tight, is refused as a frame
+    for m in (margin, 60):
+        for seed in seeds:
+            paper = F.pad(1 - bold_digit(seed), (m,) * 4, value=1.0)
+            Image.fromarray(paper.mul(255).round().to(torch.uint8).numpy(), "L").save(tmp_path / "digit.png")
+            prepared[m, seed] = blurred(as_unit_image(mt.prepare_digit(mt.read_image(tmp_path / "digit.png"))))
+    assert sum(alike(prepared[margin, seed], prepared[60, seed]) for seed in seeds) >= 18
+
+
 @pytest.mark.parametrize("kind", ["ruled", "shadow"])
 def test_a_digit_photographed_close_on_ruled_or_shaded_paper_prepares_as_on_clean_paper(kind, tmp_path):
     # Only 12 px of paper above and below the digit: the tight crop's fallback (flat paper) must not take these
