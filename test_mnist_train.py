@@ -2012,22 +2012,21 @@ def test_strokes_in_a_shadow_come_out_as_strong_as_in_the_light(tmp_path):
 def test_a_digit_cropped_tight_prepares_as_with_paper_around_it(seed, scale, tmp_path):
     # Cropped to its ink, the digit's strokes are wide for the picture and its bars run across it: neither may
     # pass for paper (shadow or ruled line). The same digit with 60 px of paper around it is the reference.
-    ink = step7_pages.ink_of(drawn_digit(seed), scale)
-    rows, cols = ink.any(1).nonzero()[:, 0], ink.any(0).nonzero()[:, 0]
-    ink, prepared = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1], []
-    for margin in (0, 60):
-        paper = F.pad(1 - ink, (margin,) * 4, value=1.0)
-        Image.fromarray(paper.mul(255).round().to(torch.uint8).numpy(), "L").save(tmp_path / "digit.png")
-        prepared.append(blurred(as_unit_image(mt.prepare_digit(mt.read_image(tmp_path / "digit.png")))))
-    assert alike(*prepared)
+    ink = step7_pages.cropped(step7_pages.ink_of(drawn_digit(seed), scale))
+    assert alike(prepared_on_white(ink, 0, tmp_path), prepared_on_white(ink, 60, tmp_path))
+
+
+def prepared_on_white(ink, margin, folder):
+    """The blurred 28x28 of `ink` written black on white with `margin` px of paper around it, saved as a PNG."""
+    paper = F.pad(1 - ink, (margin,) * 4, value=1.0)
+    Image.fromarray(paper.mul(255).round().to(torch.uint8).numpy(), "L").save(folder / "digit.png")
+    return blurred(as_unit_image(mt.prepare_digit(mt.read_image(folder / "digit.png"))))
 
 
 def bold_digit(seed):
     """float [64, ~64], ink 1: like scikit-learn's digits, a digit written with a thick pen, cropped to it, averaged
     down to 8 px and scaled back up 8x. Its blurred strokes are an eighth to a quarter of the picture wide."""
-    ink = F.max_pool2d(drawn_digit(seed).float()[None, None] / 255, 3, stride=1, padding=1)[0, 0]
-    rows, cols = ink.any(1).nonzero()[:, 0], ink.any(0).nonzero()[:, 0]
-    ink = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    ink = step7_pages.cropped(F.max_pool2d(drawn_digit(seed).float()[None, None] / 255, 3, stride=1, padding=1)[0, 0])
     ink = F.adaptive_avg_pool2d(ink[None, None], [max(1, round(8 * n / max(ink.shape))) for n in ink.shape])
     ink = F.interpolate(ink, scale_factor=8, mode="bilinear")[0, 0]
     return ink / ink.max()
@@ -2037,13 +2036,9 @@ def bold_digit(seed):
 def test_a_bold_digit_with_little_paper_prepares_as_with_much(margin, tmp_path):
     # Strokes wider than the opening's window (5 cells of 32) pass for paper there, as a shadow would: with paper
     # all round (6 px) or none (the strokes reach across), they must not. 18 of 20, as a few differ by the crop.
-    seeds, prepared = [seed for seed in range(21) if seed != 12], {}  # 12, cropped tight, is refused as a frame
-    for m in (margin, 60):
-        for seed in seeds:
-            paper = F.pad(1 - bold_digit(seed), (m,) * 4, value=1.0)
-            Image.fromarray(paper.mul(255).round().to(torch.uint8).numpy(), "L").save(tmp_path / "digit.png")
-            prepared[m, seed] = blurred(as_unit_image(mt.prepare_digit(mt.read_image(tmp_path / "digit.png"))))
-    assert sum(alike(prepared[margin, seed], prepared[60, seed]) for seed in seeds) >= 18
+    seeds = [seed for seed in range(21) if seed != 12]  # 12, cropped tight, is refused as a frame
+    prepared = [[prepared_on_white(bold_digit(seed), m, tmp_path) for m in (margin, 60)] for seed in seeds]
+    assert sum(alike(*pair) for pair in prepared) >= 18
 
 
 @pytest.mark.parametrize("kind", ["ruled", "shadow"])

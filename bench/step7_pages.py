@@ -105,7 +105,11 @@ def drawn_ink(digit, height, pen, g):
     pixels = pixels.view(-1, 1, 2)  # each pixel's distance to the nearest segment: projected onto each, clamped
     t = (((pixels - a) * (b - a)).sum(-1) / ((b - a) ** 2).sum(-1).clamp(min=1e-6)).clamp(0, 1)
     distance = (pixels - a - t[..., None] * (b - a)).norm(dim=-1).min(1).values.view(size)
-    ink = (pen / 2 + 0.5 - distance).clamp(0, 1)  # anti-aliased: a pixel half-covered is half ink
+    return cropped((pen / 2 + 0.5 - distance).clamp(0, 1))  # anti-aliased: a pixel half-covered is half ink
+
+
+def cropped(ink):
+    """`ink` cut to the bounding box of its nonzero pixels."""
     rows, cols = ink.any(1).nonzero()[:, 0], ink.any(0).nonzero()[:, 0]
     return ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
 
