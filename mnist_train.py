@@ -258,7 +258,9 @@ def atomic_save(obj, path):
     folder = os.path.dirname(path)
     # 1) A new file beside the target (a rename is atomic only within one disk), under a name
     #    mkstemp picks at random and creates itself (O_EXCL): no one can plant a link there.
-    handle, temporary = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    handle, temporary = tempfile.mkstemp(
+        prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder
+    )
     try:
         with open(handle, "wb") as f:
             # mkstemp's file is private (0600): give it the permissions of the file it replaces, or a
@@ -266,7 +268,10 @@ def atomic_save(obj, path):
             # refuses: no matter.
             os.umask(umask := os.umask(0o022))
             with contextlib.suppress(OSError):
-                os.chmod(temporary, os.stat(path).st_mode & 0o7777 if os.path.exists(path) else 0o666 & ~umask)
+                os.chmod(
+                    temporary,
+                    os.stat(path).st_mode & 0o7777 if os.path.exists(path) else 0o666 & ~umask,
+                )
             # 2) Write, and flush to disk before the name points at it; 3) rename over the target.
             torch.save(obj, f)
             f.flush()
@@ -322,7 +327,9 @@ def prepare_digit(image):
     ink = (ink - level) / (1 - level).clamp(min=0.2)
     strongest = max(0.0, float(ink.max()))
     if strongest < MIN_INK:
-        raise ValueError(f"no ink found (the strongest mark is {255 * strongest:.0f}/255 above the paper)")
+        raise ValueError(
+            f"no ink found (the strongest mark is {255 * strongest:.0f}/255 above the paper)"
+        )
     # Marks under 15% of the strongest are paper grain or JPEG ringing; the rest ramps up from
     # 0 (MNIST's paper is exactly 0), so that anti-aliased edges stay soft.
     ink = ((ink - 0.15 * strongest) / (0.85 * strongest)).clamp(0, 1)
@@ -334,8 +341,13 @@ def prepare_digit(image):
     # 5) Scale the longest side to 20 px, the aspect kept (stretching to 20x20 read 88%), with
     #    anti-aliasing; then bring the strokes that shrinking grayed back to full strength.
     height, width = ink.shape
-    size = (max(1, round(20 * height / max(height, width))), max(1, round(20 * width / max(height, width))))
-    ink = F.interpolate(ink[None, None], size=size, mode="bilinear", antialias=True)[0, 0].clamp(0, 1)
+    size = (
+        max(1, round(20 * height / max(height, width))),
+        max(1, round(20 * width / max(height, width))),
+    )
+    ink = F.interpolate(ink[None, None], size=size, mode="bilinear", antialias=True)[0, 0].clamp(
+        0, 1
+    )
     ink = ink / ink.max()
     # 6) Paste into 28x28 with the centre of mass at pixel (14, 14), as MNIST did (measured on
     #    its training digits: row 13.996, column 14.007); centring the box instead read 89%.
@@ -355,7 +367,10 @@ def ink_on_black(image):
     # Average big pictures down first, one channel at a time: a 6000x6000 RGBA picture as one
     # float tensor would take 576 MB.
     shrink = math.ceil(max(height, width) / MAX_SIDE)
-    planes = [F.avg_pool2d(image[c][None].float(), shrink, ceil_mode=True)[0] / 255 for c in range(channels)]
+    planes = [
+        F.avg_pool2d(image[c][None].float(), shrink, ceil_mode=True)[0] / 255
+        for c in range(channels)
+    ]
     # Luma weights (ITU-R 601, Pillow's too): green looks brightest to the eye, blue darkest.
     gray = 0.299 * planes[0] + 0.587 * planes[1] + 0.114 * planes[2] if channels >= 3 else planes[0]
     if channels in (2, 4):  # the last channel is alpha: show the picture over white paper
@@ -367,7 +382,9 @@ def ink_on_black(image):
     # Paper covers most of a picture, so the median pixel is paper: near the light end for
     # dark ink on light paper (a dark frame around it doesn't change that).
     level = (gray.median() - darkest) / (lightest - darkest).clamp(min=1e-6)
-    if 0.25 < level < 0.75:  # ink covers about half: a tight crop of a bold digit; its border is paper
+    if (
+        0.25 < level < 0.75
+    ):  # ink covers about half: a tight crop of a bold digit; its border is paper
         border = torch.cat([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
         level = (border.median() - darkest) / (lightest - darkest).clamp(min=1e-6)
     return 1 - gray if level > 0.5 else gray
@@ -379,7 +396,9 @@ def paper_level(ink):
     # The darkest pixel of each of 32x32 cells; then an opening (the darkest within n cells around, then the
     # brightest of those): a shape narrower than n cells goes (at 5, a stroke); a wider one, a shadow's edge, stays.
     cells = -F.adaptive_max_pool2d(-ink[None, None], 32)
-    paper, wide = (F.max_pool2d(-F.max_pool2d(-cells, n, 1, n // 2), n, 1, n // 2)[0, 0] for n in (5, 19))
+    paper, wide = (
+        F.max_pool2d(-F.max_pool2d(-cells, n, 1, n // 2), n, 1, n // 2)[0, 0] for n in (5, 19)
+    )
     level = F.interpolate(paper[None, None], size=ink.shape, mode="bilinear")[0, 0]
     # Strokes wider than 5 cells (a bold digit with little paper around it) stay too. A shadow comes in from the
     # picture's edge and is wide; so where this paper rises inside 30% of the ink's strength above all of the edge's,
@@ -390,12 +409,17 @@ def paper_level(ink):
     across = (strong[0].any() and strong[-1].any()) or (strong[:, 0].any() and strong[:, -1].any())
     if across and (paper - wide).max() > 0.6 * strength:
         return flat  # cropped tight: no ruled lines to take out, and the digit's bars run across it
-    if paper.max() - torch.cat([paper[0], paper[-1], paper[:, 0], paper[:, -1]]).max() > 0.3 * strength:
+    if (
+        paper.max() - torch.cat([paper[0], paper[-1], paper[:, 0], paper[:, -1]]).max()
+        > 0.3 * strength
+    ):
         level = flat
     # Ruled lines and a margin run across the page: a row or column inked along 90% of its length is paper
     # there (a stroke that crosses the line is darker than the line, and survives).
     rest = ink - level
-    lines = rest.quantile(0.1, dim=1, keepdim=True).clamp(min=0) + rest.quantile(0.1, dim=0, keepdim=True).clamp(min=0)
+    lines = rest.quantile(0.1, dim=1, keepdim=True).clamp(min=0) + rest.quantile(
+        0.1, dim=0, keepdim=True
+    ).clamp(min=0)
     return level + lines
 
 
@@ -417,15 +441,26 @@ def digit_pieces(ink):
     mass = torch.zeros(mask.numel() + 1).index_add_(0, labels.flatten(), weight.flatten())
     mass[0] = 0  # the paper
     sides = (labels[0], labels[-1], labels[:, 0], labels[:, -1])
-    frame = list({n for side in sides for n in side.unique().tolist() if n and (side == n).float().mean() >= 0.9})
+    frame = list(
+        {
+            n
+            for side in sides
+            for n in side.unique().tolist()
+            if n and (side == n).float().mean() >= 0.9
+        }
+    )
     if mass.sum() > mass[frame].sum():  # drop the frame, unless it is all the ink there is
         mass[frame] = 0
     elif frame and sum(bool((side > 0).all()) for side in sides) >= 3:  # a frame, and nothing apart
-        raise ValueError("no digit found apart from the dark frame around the picture: crop the frame off")
+        raise ValueError(
+            "no digit found apart from the dark frame around the picture: crop the frame off"
+        )
     keep = mass >= 0.1 * mass.max()
     keep[0] = False
     pieces = keep[labels].float()
-    return pieces.repeat_interleave(shrink, 0).repeat_interleave(shrink, 1)[: ink.shape[0], : ink.shape[1]]
+    return pieces.repeat_interleave(shrink, 0).repeat_interleave(shrink, 1)[
+        : ink.shape[0], : ink.shape[1]
+    ]
 
 
 def mnist_strokes(ink):
@@ -464,7 +499,9 @@ def confusion_matrix(model, batches, num_classes=10):
     its diagonal over that number is evaluate's accuracy, exactly, for any batch size.
     """
     model.eval()
-    counts = torch.zeros(num_classes * num_classes, dtype=torch.long, device=next(model.parameters()).device)
+    counts = torch.zeros(
+        num_classes * num_classes, dtype=torch.long, device=next(model.parameters()).device
+    )
     with torch.no_grad():
         for x, y in batches:
             # Each (true, predicted) pair as one number, true * num_classes + predicted: counted at once.
@@ -491,7 +528,9 @@ def main(argv=None):
             settings, checkpoint = resolve_settings(run, device)
             print(header(run, settings, device), flush=True)
             # 2) The data, as tensors on the device, some training images held out; then seed, before anything random.
-            train_set, val_set = hold_out(load_mnist(args.data_dir, True, device), settings["val_size"])
+            train_set, val_set = hold_out(
+                load_mnist(args.data_dir, True, device), settings["val_size"]
+            )
             test_set = load_mnist(args.data_dir, False, device)
             torch.manual_seed(settings["seed"])  # the initial weights
             generator = torch.Generator().manual_seed(settings["seed"])  # each epoch's order
@@ -502,23 +541,42 @@ def main(argv=None):
             scheduler = make_scheduler(optimizer, settings["epochs"] * steps_per_epoch)
             # 4) Resume where the checkpoint left off, or start from saved weights.
             if checkpoint is not None:
-                run.epochs_done = load_checkpoint(checkpoint, args.checkpoint, model, optimizer, scheduler, generator,
-                                                  steps_per_epoch)
+                run.epochs_done = load_checkpoint(
+                    checkpoint,
+                    args.checkpoint,
+                    model,
+                    optimizer,
+                    scheduler,
+                    generator,
+                    steps_per_epoch,
+                )
                 print(f"resumed from {args.checkpoint} after epoch {run.epochs_done}", flush=True)
             elif args.load:
                 load_checked(model, args.load)
         # 5) Step 4, epoch after epoch: train, evaluate, checkpoint, report (with --epochs 0, none).
         run.training, run.epochs, history = args.epochs != 0, settings["epochs"], []
-        train_one_epoch = make_epoch_trainer(run, settings, model, loss_fn, optimizer, scheduler, generator, train_set)
+        train_one_epoch = make_epoch_trainer(
+            run, settings, model, loss_fn, optimizer, scheduler, generator, train_set
+        )
         for epoch in range(run.epochs_done + 1, run.epochs + 1 if run.training else 0):
             train_loss, seconds = train_one_epoch()
-            val = evaluate(model, iterate_batches(*val_set, EVAL_BATCH_SIZE), loss_fn) if len(val_set[1]) else None
-            if not math.isfinite(loss := train_loss + (val[0] if val else 0)):  # never checkpoint NaN weights
-                raise UserError(f"the loss became {loss} in epoch {epoch}: try a lower --lr (this run used "
-                                f"{settings['lr']:g}); {resume_hint(run)}")
+            val = (
+                evaluate(model, iterate_batches(*val_set, EVAL_BATCH_SIZE), loss_fn)
+                if len(val_set[1])
+                else None
+            )
+            if not math.isfinite(
+                loss := train_loss + (val[0] if val else 0)
+            ):  # never checkpoint NaN weights
+                raise UserError(
+                    f"the loss became {loss} in epoch {epoch}: try a lower --lr (this run used "
+                    f"{settings['lr']:g}); {resume_hint(run)}"
+                )
             if run.master_process:  # one process writes the files
                 with writing(run, args.checkpoint):
-                    save_checkpoint(args.checkpoint, model, optimizer, scheduler, generator, epoch, settings)
+                    save_checkpoint(
+                        args.checkpoint, model, optimizer, scheduler, generator, epoch, settings
+                    )
             run.epochs_done = epoch  # from here on, Ctrl-C loses nothing of this epoch
             history.append(report(epoch, run.epochs, train_loss, val, seconds, len(train_set[1])))
         # 6) Now, once, the test set: where the model errs; then step 6, save the weights (--epochs 0: only evaluate).
@@ -530,37 +588,76 @@ def main(argv=None):
 # ---------------------------------------------------------------------------
 
 # The settings a checkpoint remembers; lr None: DEFAULT_LR's for the optimizer.
-DEFAULTS = {"epochs": 5, "batch_size": 64, "optimizer": "adam", "seed": 0, "lr": None, "val_size": 5000}
+DEFAULTS = {
+    "epochs": 5,
+    "batch_size": 64,
+    "optimizer": "adam",
+    "seed": 0,
+    "lr": None,
+    "val_size": 5000,
+}
 EVAL_BATCH_SIZE = 1000  # no gradients are kept, so evaluation can take bigger bites
 
 
 def resolve_settings(run, device):
     """(settings, checkpoint): each setting the flag's, else the checkpoint's (resuming), else DEFAULTS'.
     Refuses, before any training, what cannot run or would destroy a file."""
-    args, training, job = run.args, run.args.epochs != 0, os.environ.get("TORCHELASTIC_RUN_ID")  # torchrun's job id
-    if run.restarts and training and not args.resume:  # torchrun restarted the workers (--max-restarts): go on from
-        with contextlib.suppress(UserError):  # this job's own checkpoint; with none yet (or another job's), start over
+    args, training, job = (
+        run.args,
+        run.args.epochs != 0,
+        os.environ.get("TORCHELASTIC_RUN_ID"),
+    )  # torchrun's job id
+    if (
+        run.restarts and training and not args.resume
+    ):  # torchrun restarted the workers (--max-restarts): go on from
+        with contextlib.suppress(
+            UserError
+        ):  # this job's own checkpoint; with none yet (or another job's), start over
             args.resume = read_checkpoint(args.checkpoint, device)["settings"].get("job") == job
-    if training and run.master_process:  # one process writes the files: refuse now, not after an hour
-        check_writable(args.save, "--save", read_torch_file)  # an existing file must be one we wrote
-        old = check_writable(args.checkpoint, "--checkpoint", None if args.resume else read_checkpoint)
-        if old and old["epoch"] < old["settings"]["epochs"]:  # never overwrite the only copy of an unfinished run
-            raise UserError(f"{args.checkpoint} holds an unfinished run (epoch {old['epoch']} of "
-                            f"{old['settings']['epochs']}): add --resume to continue it, or move it away to start over")
+    if (
+        training and run.master_process
+    ):  # one process writes the files: refuse now, not after an hour
+        check_writable(
+            args.save, "--save", read_torch_file
+        )  # an existing file must be one we wrote
+        old = check_writable(
+            args.checkpoint, "--checkpoint", None if args.resume else read_checkpoint
+        )
+        if (
+            old and old["epoch"] < old["settings"]["epochs"]
+        ):  # never overwrite the only copy of an unfinished run
+            raise UserError(
+                f"{args.checkpoint} holds an unfinished run (epoch {old['epoch']} of "
+                f"{old['settings']['epochs']}): add --resume to continue it, or move it away to start over"
+            )
         run.lock = hold_lock(args.checkpoint)  # one run per checkpoint, until this one ends
     checkpoint = read_checkpoint(args.checkpoint, device) if args.resume else None
     saved = checkpoint["settings"] if checkpoint else DEFAULTS
-    for key in DEFAULTS:  # a flag that differs from the checkpoint's: the run could not match (epochs may grow)
+    for key in (
+        DEFAULTS
+    ):  # a flag that differs from the checkpoint's: the run could not match (epochs may grow)
         asked, flag = getattr(args, key), "--" + key.replace("_", "-")
         if checkpoint and asked not in (None, saved[key]) and key != "epochs":
-            raise UserError(f"{flag} {asked} does not match the checkpoint's {saved[key]}: drop {flag} to resume")
-    settings = {key: saved[key] if getattr(args, key) is None else getattr(args, key) for key in DEFAULTS}
+            raise UserError(
+                f"{flag} {asked} does not match the checkpoint's {saved[key]}: drop {flag} to resume"
+            )
+    settings = {
+        key: saved[key] if getattr(args, key) is None else getattr(args, key) for key in DEFAULTS
+    }
     settings["lr"] = settings["lr"] or DEFAULT_LR[settings["optimizer"]]
-    settings["job"] = job  # which torchrun job writes the checkpoint: its restarts resume only their own
+    settings["job"] = (
+        job  # which torchrun job writes the checkpoint: its restarts resume only their own
+    )
     if checkpoint and checkpoint["epoch"] > settings["epochs"]:
-        raise UserError(f"{args.checkpoint} has already trained {checkpoint['epoch']} epochs: ask more of --epochs")
-    if training and settings["batch_size"] < run.world_size:  # every process needs a part of every batch
-        raise UserError(f"--batch-size {settings['batch_size']} is smaller than the {run.world_size} processes")
+        raise UserError(
+            f"{args.checkpoint} has already trained {checkpoint['epoch']} epochs: ask more of --epochs"
+        )
+    if (
+        training and settings["batch_size"] < run.world_size
+    ):  # every process needs a part of every batch
+        raise UserError(
+            f"--batch-size {settings['batch_size']} is smaller than the {run.world_size} processes"
+        )
     # On each machine one process downloads MNIST if it is missing, while the others wait (all_start_or_none's
     # agreement is the barrier: a failed download ends every process with one line).
     with all_start_or_none(run):
@@ -571,10 +668,21 @@ def resolve_settings(run, device):
 
 def header(run, settings, device):
     """The run's first line: what trains, where, and how; with --epochs 0, what is evaluated."""
-    s, processes = settings, f", {run.world_size} processes under torchrun" if dist.is_initialized() else ""
-    processes += f", restart {run.restarts}{'' if run.args.resume else ' from scratch'}" if run.restarts else ""
-    what = (f"seed {s['seed']}, {s['optimizer']} lr {s['lr']:g}, batch {s['batch_size']}, {s['epochs']} epoch"
-            f"{'' if s['epochs'] == 1 else 's'}" if run.args.epochs != 0 else f"evaluating {run.args.load}")
+    s, processes = (
+        settings,
+        f", {run.world_size} processes under torchrun" if dist.is_initialized() else "",
+    )
+    processes += (
+        f", restart {run.restarts}{'' if run.args.resume else ' from scratch'}"
+        if run.restarts
+        else ""
+    )
+    what = (
+        f"seed {s['seed']}, {s['optimizer']} lr {s['lr']:g}, batch {s['batch_size']}, {s['epochs']} epoch"
+        f"{'' if s['epochs'] == 1 else 's'}"
+        if run.args.epochs != 0
+        else f"evaluating {run.args.load}"
+    )
     return f"mnist_train: torch {torch.__version__}, device {device}, {what}{processes}"
 
 
@@ -584,11 +692,15 @@ def make_epoch_trainer(run, settings, model, loss_fn, optimizer, scheduler, gene
     (x, y), batch_size = train_set, settings["batch_size"]
     if dist.is_initialized():
         # DDP wraps the very model (no copy) and averages the processes' gradients in backward().
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[x.device.index] if x.is_cuda else None)
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[x.device.index] if x.is_cuda else None
+        )
         # DDP averages the parts' mean gradients: the batch's mean when parts are equal (64 over 2, 4 or 8
         # processes), nearly so otherwise. An empty part would have no mean at all: refused.
         if run.training and 0 < len(x) % batch_size < run.world_size:
-            raise UserError("the last batch is smaller than the number of processes: change --batch-size")
+            raise UserError(
+                "the last batch is smaller than the number of processes: change --batch-size"
+            )
 
     def train():
         start = time.perf_counter()
@@ -603,9 +715,17 @@ def make_epoch_trainer(run, settings, model, loss_fn, optimizer, scheduler, gene
 def report(epoch, epochs, train_loss, val, seconds, images):
     """Print one epoch's line; return its metrics. `val`: (loss, accuracy) on the held-out images, or None."""
     held_out = f"  val loss {val[0]:.4f}  val acc {100 * val[1]:6.2f}%" if val else ""
-    print(f"epoch {epoch:>2}/{epochs}  train loss {train_loss:.4f}{held_out}  {seconds:6.2f} s  "
-          f"{images / seconds:>9,.0f} img/s", flush=True)  # fmt: skip
-    return {"train_loss": train_loss, "val_loss": val and val[0], "val_accuracy": val and val[1], "seconds": seconds}
+    print(
+        f"epoch {epoch:>2}/{epochs}  train loss {train_loss:.4f}{held_out}  {seconds:6.2f} s  "
+        f"{images / seconds:>9,.0f} img/s",
+        flush=True,
+    )
+    return {
+        "train_loss": train_loss,
+        "val_loss": val and val[0],
+        "val_accuracy": val and val[1],
+        "seconds": seconds,
+    }
 
 
 def finish(run, model, loss_fn, test_set, history):
@@ -613,7 +733,9 @@ def finish(run, model, loss_fn, test_set, history):
     weights (step 6), say where; return the final metrics. With --epochs 0 --load: the whole confusion matrix."""
     test_loss, accuracy = evaluate(model, iterate_batches(*test_set, EVAL_BATCH_SIZE), loss_fn)
     if not run.training:
-        print(f"test loss {test_loss:.4f}  test accuracy {100 * accuracy:.2f}% ({run.args.load}, not trained)")
+        print(
+            f"test loss {test_loss:.4f}  test accuracy {100 * accuracy:.2f}% ({run.args.load}, not trained)"
+        )
     confusion = confusion_matrix(model, iterate_batches(*test_set, EVAL_BATCH_SIZE))
     print(*class_report(confusion, whole_matrix=not run.training), sep="\n", flush=True)
     if run.training:
@@ -621,7 +743,9 @@ def finish(run, model, loss_fn, test_set, history):
             with writing(run, run.args.save):
                 save(model, run.args.save)
         print(f"test accuracy {100 * accuracy:.2f}% | model saved to {run.args.save}", flush=True)
-    if dist.is_initialized():  # leave together: a process that tears its connections down early can abort others
+    if (
+        dist.is_initialized()
+    ):  # leave together: a process that tears its connections down early can abort others
         dist.barrier()
     metrics = {"test_loss": test_loss, "test_accuracy": accuracy, "confusion": confusion.tolist()}
     return {**metrics, "epochs": run.epochs if run.training else 0, "history": history}
@@ -632,13 +756,22 @@ def class_report(confusion, whole_matrix=False):
     the three most frequent confusions, and (whole_matrix) the confusion matrix, aligned."""
     confusion, n = confusion.cpu(), len(confusion)
     per_digit = (confusion.diag() / confusion.sum(1).clamp(min=1)).tolist()
-    counts, where = (confusion - torch.diag(confusion.diag())).flatten().sort(descending=True, stable=True)
-    worst = [f"{i // n}->{i % n} x{c}" for c, i in zip(counts[:3].tolist(), where[:3].tolist()) if c > 0]
-    lines = ["accuracy per digit: " + "  ".join(f"{d} {100 * a:.1f}%" for d, a in enumerate(per_digit)),
-             "most confused (true->predicted): " + (", ".join(worst) or "none")]  # fmt: skip
+    counts, where = (
+        (confusion - torch.diag(confusion.diag())).flatten().sort(descending=True, stable=True)
+    )
+    worst = [
+        f"{i // n}->{i % n} x{c}" for c, i in zip(counts[:3].tolist(), where[:3].tolist()) if c > 0
+    ]
+    lines = [
+        "accuracy per digit: " + "  ".join(f"{d} {100 * a:.1f}%" for d, a in enumerate(per_digit)),
+        "most confused (true->predicted): " + (", ".join(worst) or "none"),
+    ]
     if whole_matrix:
         width = len(str(int(confusion.max()))) + 2
-        rows = [("", range(n)), *enumerate(confusion.tolist())]  # the header of the ten digits, then a row each
+        rows = [
+            ("", range(n)),
+            *enumerate(confusion.tolist()),
+        ]  # the header of the ten digits, then a row each
         lines += ["confusion matrix, rows the true digit, columns the predicted:"]
         lines += [f"{t:>2}" + "".join(f"{c:>{width}}" for c in row) for t, row in rows]
     return lines
@@ -652,7 +785,12 @@ def class_report(confusion, whole_matrix=False):
 # is then one indexing op instead of 64 PIL conversions (bench/ measures the difference).
 
 # The four files torchvision reads, uncompressed, from <data-dir>/MNIST/raw/.
-MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
 MNIST_MIRROR = "https://ossci-datasets.s3.amazonaws.com/mnist/"
 
 
@@ -664,26 +802,38 @@ def load_mnist(data_dir, train, device):
     a leftover processed/*.pt is never preferred); torchvision only downloads them when they are missing.
     """
     raw, split = os.path.join(data_dir, "MNIST", "raw"), "train" if train else "t10k"
-    images, labels = (os.path.join(raw, f"{split}-{kind}-ubyte") for kind in ("images-idx3", "labels-idx1"))
+    images, labels = (
+        os.path.join(raw, f"{split}-{kind}-ubyte") for kind in ("images-idx3", "labels-idx1")
+    )
     if not (os.path.exists(images) and os.path.exists(labels)):
         # A common slip: --data-dir naming the MNIST or raw folder itself. Say so rather than download a copy.
-        for right in (os.path.normpath(os.path.join(data_dir, *up)) for up in ([".."], ["..", ".."])):
+        for right in (
+            os.path.normpath(os.path.join(data_dir, *up)) for up in ([".."], ["..", ".."])
+        ):
             if os.path.exists(os.path.join(right, "MNIST", "raw", os.path.basename(images))):
-                raise UserError(f"MNIST is not in {raw}, but it is under {right}: give --data-dir {right}")
-        from torchvision import datasets  # here, not at the top: --predict never pays for importing it
+                raise UserError(
+                    f"MNIST is not in {raw}, but it is under {right}: give --data-dir {right}"
+                )
+        from torchvision import (
+            datasets,
+        )  # here, not at the top: --predict never pays for importing it
 
         try:
             datasets.MNIST(data_dir, train=train, download=True)
         except (RuntimeError, OSError) as error:
             reason = (str(error).strip().splitlines() or [type(error).__name__])[-1]
-            raise UserError(f"MNIST is not in {raw} and could not be downloaded ({reason}); offline, put the four "
-                            f"files {', '.join(MNIST_FILES)} there, gunzipped from {MNIST_MIRROR}<name>.gz") from None
+            raise UserError(
+                f"MNIST is not in {raw} and could not be downloaded ({reason}); offline, put the four "
+                f"files {', '.join(MNIST_FILES)} there, gunzipped from {MNIST_MIRROR}<name>.gz"
+            ) from None
     if device is None:  # only make sure the files are there
         return None
     x, y = read_idx(images, 3), read_idx(labels, 1)
-    for wrong, why in ((x.shape[1:] != (28, 28), f"{images} holds {tuple(x.shape[1:])} images, not MNIST's 28x28"),
-                       (len(y) != len(x), f"{labels} holds {len(y)} labels for {len(x)} images in {images}"),
-                       (bool(y.max() > 9), f"{labels} has labels above 9: corrupt")):  # fmt: skip
+    for wrong, why in (
+        (x.shape[1:] != (28, 28), f"{images} holds {tuple(x.shape[1:])} images, not MNIST's 28x28"),
+        (len(y) != len(x), f"{labels} holds {len(y)} labels for {len(x)} images in {images}"),
+        (bool(y.max() > 9), f"{labels} has labels above 9: corrupt"),
+    ):
         if wrong:
             raise UserError(why)
     # Move the uint8 pixels first (4x less to copy), then scale on the device exactly as
@@ -698,10 +848,16 @@ def read_idx(path, ndim):
     with reading(path, "an MNIST file"), open(path, "rb") as f:
         head, size = f.read(4 + 4 * ndim), os.fstat(f.fileno()).st_size
         dims = [int.from_bytes(head[i : i + 4], "big") for i in range(4, len(head) - 3, 4)]
-        fits = head[:4] == bytes([0, 0, 8, ndim]) and len(dims) == ndim and size == len(head) + math.prod(dims)
+        fits = (
+            head[:4] == bytes([0, 0, 8, ndim])
+            and len(dims) == ndim
+            and size == len(head) + math.prod(dims)
+        )
         data = bytearray(f.read()) if fits else None
     if not data:  # also a file of no images: nothing to train or test on
-        raise UserError(f"{path} is truncated or corrupt: delete it and fetch it again from {MNIST_MIRROR}")
+        raise UserError(
+            f"{path} is truncated or corrupt: delete it and fetch it again from {MNIST_MIRROR}"
+        )
     return torch.frombuffer(data, dtype=torch.uint8).view(dims)
 
 
@@ -711,7 +867,9 @@ def hold_out(train_set, val_size):
     figure optimistic: they are made on these, and the test set is evaluated once, at the end."""
     (x, y), split = train_set, len(train_set[1]) - val_size
     if split < 1:
-        raise UserError(f"--val-size {val_size} leaves none of the {len(y)} training images to train on")
+        raise UserError(
+            f"--val-size {val_size} leaves none of the {len(y)} training images to train on"
+        )
     return (x[:split], y[:split]), (x[split:], y[split:])
 
 
@@ -724,7 +882,9 @@ def iterate_batches(x, y, batch_size, generator=None, rank=0, world_size=1):
     """
     # Step 4's DataLoader(shuffle=True), without the DataLoader: one permutation per epoch. The
     # seeded CPU generator makes the order the same on every device for a given seed.
-    order = (torch.arange(len(x)) if generator is None else torch.randperm(len(x), generator=generator)).to(x.device)
+    order = (
+        torch.arange(len(x)) if generator is None else torch.randperm(len(x), generator=generator)
+    ).to(x.device)
     for start in range(0, len(x), batch_size):
         index = order[start : start + batch_size].tensor_split(world_size)[rank]
         # Same rows as x[index]; index_select gathers them ~2.5x faster on the CPU (measured).
@@ -743,14 +903,24 @@ def read_image(path):
     damaged, or too large (Pillow's guard against decompression bombs).
     """
     with reading(path, "an image"), warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)  # Pillow only warns up to twice its limit
+        warnings.simplefilter(
+            "error", Image.DecompressionBombWarning
+        )  # Pillow only warns up to twice its limit
         with Image.open(path) as picture:
-            picture = ImageOps.exif_transpose(picture)  # a phone stores how it was held: turn it upright
-            if picture.mode.startswith("I"):  # 16-bit gray: convert("L") would clip it, not scale it
+            picture = ImageOps.exif_transpose(
+                picture
+            )  # a phone stores how it was held: turn it upright
+            if picture.mode.startswith(
+                "I"
+            ):  # 16-bit gray: convert("L") would clip it, not scale it
                 picture = picture.convert("F").point(lambda value: value / 257)
-            alpha = picture.mode in ("LA", "La", "PA", "RGBA", "RGBa") or "transparency" in picture.info
+            alpha = (
+                picture.mode in ("LA", "La", "PA", "RGBA", "RGBa") or "transparency" in picture.info
+            )
             gray = picture.mode in ("1", "L", "LA", "La", "F")
-            picture = picture.convert(("LA" if alpha else "L") if gray else ("RGBA" if alpha else "RGB"))
+            picture = picture.convert(
+                ("LA" if alpha else "L") if gray else ("RGBA" if alpha else "RGB")
+            )
             pixels = torch.frombuffer(bytearray(picture.tobytes()), dtype=torch.uint8)
     return pixels.view(picture.height, picture.width, -1).permute(2, 0, 1)
 
@@ -771,11 +941,20 @@ def predict_files(args):
     for image_path in args.predict:
         try:
             x = prepare_digit(read_image(image_path))
-        except (UserError, ValueError) as error:  # read_image's errors name the file; prepare_digit's do not
-            print(f"error: {error if isinstance(error, UserError) else f'{image_path}: {error}'}", file=sys.stderr)
+        except (
+            UserError,
+            ValueError,
+        ) as error:  # read_image's errors name the file; prepare_digit's do not
+            print(
+                f"error: {error if isinstance(error, UserError) else f'{image_path}: {error}'}",
+                file=sys.stderr,
+            )
             continue
         probabilities = predict(model, x.unsqueeze(0).to(device))[0].cpu()
-        top = [f"{digit} ({100 * chance:.1f}%)" for chance, digit in zip(*[t.tolist() for t in probabilities.topk(3)])]
+        top = [
+            f"{digit} ({100 * chance:.1f}%)"
+            for chance, digit in zip(*[t.tolist() for t in probabilities.topk(3)])
+        ]
         # Even prepared, the picture may not look like MNIST's digits to the model: then say so, not just a number.
         unsure = " (unsure: unlike MNIST's digits)" if probabilities.max() < UNSURE_BELOW else ""
         print(f"{image_path}: {top[0]}, then {top[1]}, {top[2]}{unsure}", flush=True)
@@ -798,15 +977,22 @@ def number(kind, positive):
             value = kind(text)
             if (math.isfinite(value) and value > 0) if positive else 0 <= value < 2**63:
                 return value
-        allowed = f"{'whole' if kind is int else 'finite'} number " + ("above 0" if positive else "from 0 to 2**63 - 1")
+        allowed = f"{'whole' if kind is int else 'finite'} number " + (
+            "above 0" if positive else "from 0 to 2**63 - 1"
+        )
         raise argparse.ArgumentTypeError(f"{text!r} is not a {allowed}")
 
     return parse
 
 
 # The settings a checkpoint remembers, each with its flag's check: a checkpoint's values pass it too.
-SETTING_CHECKS = {"epochs": number(int, False), "batch_size": number(int, True), "lr": number(float, True),
-                  "seed": number(int, False), "val_size": number(int, False)}  # fmt: skip
+SETTING_CHECKS = {
+    "epochs": number(int, False),
+    "batch_size": number(int, True),
+    "lr": number(float, True),
+    "seed": number(int, False),
+    "val_size": number(int, False),
+}
 
 
 def parse_args(argv=None):
@@ -815,34 +1001,74 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Train the guide's MLP on MNIST.")
     # One line, not argparse's usage; under torchrun every process parses the flags, and rank 0 says why.
     first = os.environ.get("RANK", "0") == "0"
-    parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {message} (see --help)\n" if first else None)
+    parser.error = lambda message: parser.exit(
+        2, f"{parser.prog}: error: {message} (see --help)\n" if first else None
+    )
     add = parser.add_argument
-    add("--epochs", type=SETTING_CHECKS["epochs"], help="total epochs (default 5; 0 with --load only evaluates)")
+    add(
+        "--epochs",
+        type=SETTING_CHECKS["epochs"],
+        help="total epochs (default 5; 0 with --load only evaluates)",
+    )
     add("--batch-size", type=SETTING_CHECKS["batch_size"], help="training batch size (default 64)")
-    add("--lr", type=SETTING_CHECKS["lr"], help="peak learning rate (default 3e-3 for adam, 0.05 for sgd)")
+    add(
+        "--lr",
+        type=SETTING_CHECKS["lr"],
+        help="peak learning rate (default 3e-3 for adam, 0.05 for sgd)",
+    )
     add("--optimizer", choices=["adam", "sgd"], help="default adam")
-    add("--seed", type=SETTING_CHECKS["seed"], help="seeds the initial weights and the shuffle (default 0)")
-    add("--val-size", type=SETTING_CHECKS["val_size"], help="the last N training images, held out to validate on "
-        "each epoch; the test set waits for the end (default 5000; 0 trains on all 60,000, as the guide)")
+    add(
+        "--seed",
+        type=SETTING_CHECKS["seed"],
+        help="seeds the initial weights and the shuffle (default 0)",
+    )
+    add(
+        "--val-size",
+        type=SETTING_CHECKS["val_size"],
+        help="the last N training images, held out to validate on "
+        "each epoch; the test set waits for the end (default 5000; 0 trains on all 60,000, as the guide)",
+    )
     add("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     add("--data-dir", default="./data", help="MNIST goes in DATA_DIR/MNIST/raw (default ./data)")
     add("--save", default="model.pth", help="where to save the trained weights (default model.pth)")
-    add("--checkpoint", default="checkpoint.pt", help="resume file, each epoch (default checkpoint.pt)")
+    add(
+        "--checkpoint",
+        default="checkpoint.pt",
+        help="resume file, each epoch (default checkpoint.pt)",
+    )
     add("--resume", action="store_true", help="continue the run saved in --checkpoint")
     add("--load", metavar="PATH", help="start from these saved weights")
-    add("--predict", nargs="+", metavar="IMAGE", help="read the digit in each image with the model in --load")
+    add(
+        "--predict",
+        nargs="+",
+        metavar="IMAGE",
+        help="read the digit in each image with the model in --load",
+    )
     args = parser.parse_args(argv)
     given = [f"--{name.replace('_', '-')}" for name in ("resume", "epochs") if getattr(args, name)]
     for wrong, why in (
-        (not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", args.device),
-         f"argument --device: unknown device {args.device!r}: use auto, cpu, cuda, cuda:N or mps"),
+        (
+            not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", args.device),
+            f"argument --device: unknown device {args.device!r}: use auto, cpu, cuda, cuda:N or mps",
+        ),
         (args.predict and given, f"--predict trains nothing: drop {given[0] if given else ''}"),
-        (args.predict and "RANK" in os.environ, "--predict reads a few images in one process: run it with python"),
-        (args.resume and args.load, "--resume and --load exclude each other: --resume already restores the weights"),
-        (os.path.realpath(args.save) == os.path.realpath(args.checkpoint), "--save and --checkpoint must differ"),
-        (args.epochs == 0 and not args.load and not args.predict, "--epochs 0 trains nothing: use it with --load PATH "
-                                                                  "to evaluate saved weights"),
-    ):  # fmt: skip
+        (
+            args.predict and "RANK" in os.environ,
+            "--predict reads a few images in one process: run it with python",
+        ),
+        (
+            args.resume and args.load,
+            "--resume and --load exclude each other: --resume already restores the weights",
+        ),
+        (
+            os.path.realpath(args.save) == os.path.realpath(args.checkpoint),
+            "--save and --checkpoint must differ",
+        ),
+        (
+            args.epochs == 0 and not args.load and not args.predict,
+            "--epochs 0 trains nothing: use it with --load PATH to evaluate saved weights",
+        ),
+    ):
         if wrong:
             parser.error(why)
     return args
@@ -853,18 +1079,27 @@ def pick_device(name="auto", local_rank=0):
     cuda:N or mps. Never a silent fallback to the CPU: a user who asked for a GPU wants to know. Under
     torchrun, auto and cuda mean this process's own GPU, cuda:LOCAL_RANK.
     """
-    if name == "auto":  # check_available: a CUDA build of torch on a machine without a GPU says None
+    if (
+        name == "auto"
+    ):  # check_available: a CUDA build of torch on a machine without a GPU says None
         name = str(torch.accelerator.current_accelerator(check_available=True) or "cpu")
     device, several = torch.device(name), dist.is_initialized()
     if several and (device.type == "mps" or device.index is not None):
-        raise UserError(f"--device {name}: under torchrun each process takes its own GPU, cuda:LOCAL_RANK (and "
-                        "torch.distributed has no backend for MPS): use --device cuda, or cpu")  # fmt: skip
+        raise UserError(
+            f"--device {name}: under torchrun each process takes its own GPU, cuda:LOCAL_RANK (and "
+            "torch.distributed has no backend for MPS): use --device cuda, or cpu"
+        )
     device = torch.device("cuda", local_rank) if device.type == "cuda" and several else device
-    count = {"cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available())}.get(device.type, 1)
+    count = {"cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available())}.get(
+        device.type, 1
+    )
     if (device.index or 0) >= count:
         kind = {"cuda": "CUDA", "mps": "MPS (Apple GPU)"}[device.type]
-        why = f"{kind} is not available here (torch {torch.__version__}); use --device cpu" if not count else \
-            f"{device} is needed, but {count} CUDA device(s) are visible (start at most that many processes)"
+        why = (
+            f"{kind} is not available here (torch {torch.__version__}); use --device cpu"
+            if not count
+            else f"{device} is needed, but {count} CUDA device(s) are visible (start at most that many processes)"
+        )
         raise UserError(f"--device {name}: {why}")
     if device.type == "cuda" and several:
         torch.cuda.set_device(device)  # where NCCL and DDP work for this process
@@ -918,26 +1153,55 @@ def one_line_errors(run):
     try:
         yield
         return
-    except KeyboardInterrupt as stop:  # Ctrl-C (which may come before our handler is up), or SIGTERM
+    except (
+        KeyboardInterrupt
+    ) as stop:  # Ctrl-C (which may come before our handler is up), or SIGTERM
         signum = stop.args[0] if stop.args else signal.SIGINT
-        how = "\ninterrupted" if signum == signal.SIGINT else f"terminated by {signal.Signals(signum).name}"
-        safe = resume_hint(run, "continue with") if run.training else "before training began: no file was changed"
-        line, status = how + (": " if run.training else " ") + safe, 128 + signum  # "\n": a fresh line after ^C
+        how = (
+            "\ninterrupted"
+            if signum == signal.SIGINT
+            else f"terminated by {signal.Signals(signum).name}"
+        )
+        safe = (
+            resume_hint(run, "continue with")
+            if run.training
+            else "before training began: no file was changed"
+        )
+        line, status = (
+            how + (": " if run.training else " ") + safe,
+            128 + signum,
+        )  # "\n": a fresh line after ^C
     except UserError as error:
         line, status = f"error: {error}", 1
-    except OSError as error:  # not a file's (reading and writing turn those into UserErrors): stdout's
+    except (
+        OSError
+    ) as error:  # not a file's (reading and writing turn those into UserErrors): stdout's
         if error.errno not in (errno.EPIPE, errno.ENOSPC):
             raise
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or Python's last flush fails again
+        os.dup2(
+            os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno()
+        )  # or Python's last flush fails again
         why = "was closed" if error.errno == errno.EPIPE else "is full"
-        line, status = f"error: standard output {why}: stopped; {resume_hint(run, 'continue with')}", 1
+        line, status = (
+            f"error: standard output {why}: stopped; {resume_hint(run, 'continue with')}",
+            1,
+        )
     except RuntimeError as error:
         # Under torchrun, a collective found another process gone or stalled past the timeout: NCCL raises a
         # DistError, gloo a RuntimeError ("Connection closed by peer", "reset by peer", "Timed out waiting").
-        if not (dist.is_initialized() and (isinstance(error, dist.DistError) or "by peer" in str(error)
-                                           or "Timed out" in str(error))):
+        if not (
+            dist.is_initialized()
+            and (
+                isinstance(error, dist.DistError)
+                or "by peer" in str(error)
+                or "Timed out" in str(error)
+            )
+        ):
             raise
-        line, status = "error: another process of this job stopped or stalled (torchrun's summary names it); ", 1
+        line, status = (
+            "error: another process of this job stopped or stalled (torchrun's summary names it); ",
+            1,
+        )
         line += resume_hint(run, "continue with")
     finally:
         for sig, handler in previous.items():
@@ -955,15 +1219,30 @@ def resume_hint(run, go_on=None):
         return "nothing was saved"
     if not os.path.exists(args.checkpoint):
         return f"{args.checkpoint} is gone as well: nothing of this run is left"
-    script = sys.argv[0] if os.path.basename(sys.argv[0]) == os.path.basename(__file__) else os.path.basename(__file__)
+    script = (
+        sys.argv[0]
+        if os.path.basename(sys.argv[0]) == os.path.basename(__file__)
+        else os.path.basename(__file__)
+    )
     defaults = parse_args([])
-    for name in ("checkpoint", "data_dir", "save", "device", "epochs"):  # those given; the checkpoint holds the rest
+    for name in (
+        "checkpoint",
+        "data_dir",
+        "save",
+        "device",
+        "epochs",
+    ):  # those given; the checkpoint holds the rest
         if getattr(args, name) != getattr(defaults, name):
             flags += ["--" + name.replace("_", "-"), str(getattr(args, name))]
     held = f"{args.checkpoint} holds epoch {run.epochs_done} of {run.epochs}"
     # What starts the same job again: python; under torchrun on one machine, this line; on several, the user's own.
-    launcher = "python" if not dist.is_initialized() else f"torchrun --standalone --nproc_per_node={run.world_size}" \
-        if os.environ.get("GROUP_WORLD_SIZE", "1") == "1" else "torchrun [your torchrun options]"
+    launcher = (
+        "python"
+        if not dist.is_initialized()
+        else f"torchrun --standalone --nproc_per_node={run.world_size}"
+        if os.environ.get("GROUP_WORLD_SIZE", "1") == "1"
+        else "torchrun [your torchrun options]"
+    )
     return f"{held}; {go_on}: {launcher} {shlex.join([script, *flags])}" if go_on else held
 
 
@@ -979,9 +1258,17 @@ def save_checkpoint(path, model, optimizer, scheduler, generator, epoch, setting
     """
     # The optimizer's state holds Adam's moments or SGD's momentum; the scheduler's, its step count.
     # The global RNG drew the initial weights; the generator draws each epoch's order.
-    atomic_save({"model": {name: t.detach().cpu() for name, t in model.state_dict().items()}, "epoch": epoch,
-                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "settings": dict(settings),
-                 "rng": {"torch": torch.get_rng_state(), "shuffle": generator.get_state()}}, path)  # fmt: skip
+    atomic_save(
+        {
+            "model": {name: t.detach().cpu() for name, t in model.state_dict().items()},
+            "epoch": epoch,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "settings": dict(settings),
+            "rng": {"torch": torch.get_rng_state(), "shuffle": generator.get_state()},
+        },
+        path,
+    )
 
 
 def read_checkpoint(path, device):
@@ -991,13 +1278,19 @@ def read_checkpoint(path, device):
     try:  # a part missing or of another kind, or a setting its flag's own check refuses (epoch as --epochs)
         settings = checkpoint["settings"]
         settings.setdefault("val_size", 0)  # written before --val-size: trained on all the images
-        values = [("epochs", checkpoint["epoch"])] + [(key, settings[key]) for key in SETTING_CHECKS]
-        fits = {"model", "optimizer", "scheduler", "rng"} <= checkpoint.keys() and settings["optimizer"] in DEFAULT_LR
+        values = [("epochs", checkpoint["epoch"])] + [
+            (key, settings[key]) for key in SETTING_CHECKS
+        ]
+        fits = {"model", "optimizer", "scheduler", "rng"} <= checkpoint.keys() and settings[
+            "optimizer"
+        ] in DEFAULT_LR
         fits = fits and all(SETTING_CHECKS[key](str(value)) == value for key, value in values)
     except (LookupError, TypeError, AttributeError, argparse.ArgumentTypeError):
         fits = False
     if not fits:
-        raise UserError(f"{path} is not a checkpoint of this script (weights only? start from them with --load)")
+        raise UserError(
+            f"{path} is not a checkpoint of this script (weights only? start from them with --load)"
+        )
     return checkpoint
 
 
@@ -1015,7 +1308,9 @@ def load_checkpoint(checkpoint, path, model, optimizer, scheduler, generator, st
             check_tensors(path, {f"optimizer state {index} {name}": t for name, t in state.items()})
             shape = [p for group in optimizer.param_groups for p in group["params"]][index].shape
             if any(t.shape != (() if name == "step" else shape) for name, t in state.items()):
-                raise UserError(f"{path}: the optimizer state for parameter {index} does not fit its shape")
+                raise UserError(
+                    f"{path}: the optimizer state for parameter {index} does not fit its shape"
+                )
     try:
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
@@ -1033,9 +1328,11 @@ def load_checkpoint(checkpoint, path, model, optimizer, scheduler, generator, st
         raise UserError(f"{path}: the optimizer or random state does not fit ({error})") from None
     # The schedule counts steps: trained on another number of images, a checkpoint's steps would not fit it.
     if scheduler.last_epoch != checkpoint["epoch"] * steps_per_epoch:
-        raise UserError(f"{path} does not fit this data: after epoch {checkpoint['epoch']} its schedule was at "
-                        f"step {scheduler.last_epoch}, here {checkpoint['epoch'] * steps_per_epoch}: resume with the "
-                        "--data-dir it trained on")
+        raise UserError(
+            f"{path} does not fit this data: after epoch {checkpoint['epoch']} its schedule was at "
+            f"step {scheduler.last_epoch}, here {checkpoint['epoch'] * steps_per_epoch}: resume with the "
+            "--data-dir it trained on"
+        )
     return checkpoint["epoch"]
 
 
@@ -1059,10 +1356,17 @@ def writing(run, path):
             error = error.__cause__ or error.__context__
         if error is None:
             raise
-        reasons = {errno.ENOSPC: "no space left on the device", errno.EROFS: "the filesystem is read-only",
-                   errno.ENOENT: f"the folder {os.path.dirname(os.path.abspath(path))} no longer exists",
-                   errno.EACCES: "permission denied", errno.EPERM: "permission denied"}  # fmt: skip
-        why, hint = reasons.get(error.errno, error.strerror or error), resume_hint(run, "once fixed, continue with")
+        reasons = {
+            errno.ENOSPC: "no space left on the device",
+            errno.EROFS: "the filesystem is read-only",
+            errno.ENOENT: f"the folder {os.path.dirname(os.path.abspath(path))} no longer exists",
+            errno.EACCES: "permission denied",
+            errno.EPERM: "permission denied",
+        }
+        why, hint = (
+            reasons.get(error.errno, error.strerror or error),
+            resume_hint(run, "once fixed, continue with"),
+        )
         raise UserError(f"could not write {path}: {why}; {hint}") from None
 
 
@@ -1078,7 +1382,9 @@ def check_writable(path, flag, read=None):
     try:
         return read(path, "cpu") if read and os.path.exists(path) else None
     except UserError as error:
-        raise UserError(f"{error}; not overwriting it: move it away or pick another {flag}") from None
+        raise UserError(
+            f"{error}; not overwriting it: move it away or pick another {flag}"
+        ) from None
 
 
 def read_torch_file(path, device, what="a saved model"):
@@ -1089,11 +1395,16 @@ def read_torch_file(path, device, what="a saved model"):
     with reading(path, what):
         with zipfile.ZipFile(path) as archive:  # not a zip: "not a PyTorch file"
             entries = archive.infolist()
-        if any(e.compress_type != zipfile.ZIP_STORED for e in entries) or sum(e.file_size for e in entries) > \
-                os.path.getsize(path):
-            raise UserError(f"{path} holds compressed entries (torch.save writes none): refused, they could inflate")
+        if any(e.compress_type != zipfile.ZIP_STORED for e in entries) or sum(
+            e.file_size for e in entries
+        ) > os.path.getsize(path):
+            raise UserError(
+                f"{path} holds compressed entries (torch.save writes none): refused, they could inflate"
+            )
         obj = torch.load(path, map_location=device, weights_only=True)
-    check_tensors(path, obj["model"] if isinstance(obj, dict) and isinstance(obj.get("model"), dict) else obj)
+    check_tensors(
+        path, obj["model"] if isinstance(obj, dict) and isinstance(obj.get("model"), dict) else obj
+    )
     return obj
 
 
@@ -1110,8 +1421,13 @@ def check_tensors(path, tensors):
     integer weights would load converted, NaN ones answer NaN, meta or sparse ones crash, as would an optimizer
     moment of another shape (the fused step writes past it), so the shapes are checked by the caller."""
     for name, t in tensors.items() if isinstance(tensors, dict) else ():
-        if not (torch.is_tensor(t) and t.is_floating_point() and t.layout == torch.strided and t.device.type != "meta"
-                and bool(t.isfinite().all())):
+        if not (
+            torch.is_tensor(t)
+            and t.is_floating_point()
+            and t.layout == torch.strided
+            and t.device.type != "meta"
+            and bool(t.isfinite().all())
+        ):
             raise UserError(f"{path}: {name} is not a finite floating-point tensor: refused")
 
 
@@ -1119,11 +1435,17 @@ def hold_lock(path):
     """Lock `path`.lock (flock: the kernel lets go when this process ends, also when killed); return the open
     descriptor, which holds the lock until closed. Another run holding it: one line."""
     try:
-        handle = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)  # never through a planted link
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (refused: the descriptor stays open, a small leak)
+        handle = os.open(
+            path + ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666
+        )  # never through a planted link
+        fcntl.flock(
+            handle, fcntl.LOCK_EX | fcntl.LOCK_NB
+        )  # (refused: the descriptor stays open, a small leak)
         return handle
     except BlockingIOError:
-        raise UserError(f"another run is using {path} (it holds {path}.lock): let it end, or give another --checkpoint")
+        raise UserError(
+            f"another run is using {path} (it holds {path}.lock): let it end, or give another --checkpoint"
+        )
     except OSError as error:
         raise UserError(f"cannot lock {path}.lock: {error.strerror}") from None
 
@@ -1132,34 +1454,55 @@ def hold_lock(path):
 def reading(path, what="a saved model"):
     """Within the block, what reading `path` raises (torch.load, load_state_dict, Pillow) is a UserError:
     one line naming the file and what is wrong with it."""
-    if os.path.exists(path) and not (os.path.isfile(path) or os.path.isdir(path)):  # a FIFO blocks, /dev/zero: endless
+    if os.path.exists(path) and not (
+        os.path.isfile(path) or os.path.isdir(path)
+    ):  # a FIFO blocks, /dev/zero: endless
         raise UserError(f"{path} is not a regular file (a pipe or a device?): give a file")
     try:
         yield
     except UserError:
         raise
     except Exception as error:
-        text, empty = " ".join(str(error).split()), os.path.isfile(path) and os.path.getsize(path) == 0
+        text, empty = (
+            " ".join(str(error).split()),
+            os.path.isfile(path) and os.path.getsize(path) == 0,
+        )
         reasons = (  # the first that holds
-            (isinstance(error, FileNotFoundError), ": no such file" if what != "a saved model" else ": no such file: "
-             "train a model first (python mnist_train.py saves model.pth), or give --load PATH"),
+            (
+                isinstance(error, FileNotFoundError),
+                ": no such file"
+                if what != "a saved model"
+                else ": no such file: "
+                "train a model first (python mnist_train.py saves model.pth), or give --load PATH",
+            ),
             (isinstance(error, IsADirectoryError), f" is a folder, not {what}"),
             (isinstance(error, PermissionError), ": permission denied"),
             # weights_only=True refused to unpickle code; load_state_dict names each tensor that does not fit.
-            ("GLOBAL" in text, " holds pickled Python objects, which could run code: refused "
-                                           "(only tensors and plain data load here)"),
-            (text.startswith("Error(s) in loading state_dict"), f" was saved from another model: "
-                                                                f"{text.partition(': ')[2]}"),
+            (
+                "GLOBAL" in text,
+                " holds pickled Python objects, which could run code: refused "
+                "(only tensors and plain data load here)",
+            ),
+            (
+                text.startswith("Error(s) in loading state_dict"),
+                f" was saved from another model: {text.partition(': ')[2]}",
+            ),
             ("dict-like" in text, " does not hold a state_dict"),
             # Pillow refuses more than twice Image.MAX_IMAGE_PIXELS (about 89 million) and warns above it.
-            (isinstance(error, (Image.DecompressionBombError, Image.DecompressionBombWarning)),
-             f" is too large to read safely (more than {Image.MAX_IMAGE_PIXELS:,} pixels, Pillow's guard against "
-             "decompression bombs): scale it down first"),
-            (isinstance(error, UnidentifiedImageError), " is " + ("an empty file" if empty else "not an image Pillow "
-                                                        "can read") + " (PNG, JPEG, BMP, GIF, TIFF and WebP work)"),
+            (
+                isinstance(error, (Image.DecompressionBombError, Image.DecompressionBombWarning)),
+                f" is too large to read safely (more than {Image.MAX_IMAGE_PIXELS:,} pixels, Pillow's guard against "
+                "decompression bombs): scale it down first",
+            ),
+            (
+                isinstance(error, UnidentifiedImageError),
+                " is "
+                + ("an empty file" if empty else "not an image Pillow can read")
+                + " (PNG, JPEG, BMP, GIF, TIFF and WebP work)",
+            ),
             (what == "an image", f" is damaged or cut short ({text})"),
             (True, " is not a PyTorch file, or it is damaged"),
-        )  # fmt: skip
+        )
         raise UserError(f"{path}{next(why for found, why in reasons if found)}") from None
 
 
@@ -1181,7 +1524,12 @@ def torchrun_processes(args):
     to meet, MASTER_ADDR), with the process group up. Without all four, one process runs alone."""
     env, run = os.environ, Run(args)
     if all(name in env for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")):
-        names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RESTART_COUNT")  # the last: torchrun's alone
+        names = (
+            "RANK",
+            "WORLD_SIZE",
+            "LOCAL_RANK",
+            "TORCHELASTIC_RESTART_COUNT",
+        )  # the last: torchrun's alone
         run = Run(args, *(int(env.get(name, 0)) for name in names))
         # torch 2.14's torchrun keeps one store across restarts, and restarted workers can read the dead ones'
         # addresses and fail to meet (as in pytorch/pytorch#135712): each attempt gets keys of its own.
@@ -1191,7 +1539,9 @@ def torchrun_processes(args):
         # A collective waits this long for a stalled peer (NCCL's default 10 minutes, gloo's 30): an epoch
         # takes seconds, and a job that cannot go on should end (or restart) soon.
         timeout = datetime.timedelta(minutes=2)
-        dist.init_process_group(backend, store=store, rank=run.rank, world_size=run.world_size, timeout=timeout)
+        dist.init_process_group(
+            backend, store=store, rank=run.rank, world_size=run.world_size, timeout=timeout
+        )
     try:  # one voice: the others' prints go nowhere (print() skips a missing sys.stdout; this file only prints)
         with contextlib.redirect_stdout(sys.stdout if run.master_process else None):
             yield run

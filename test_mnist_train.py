@@ -46,13 +46,23 @@ import step7_pages  # noqa: E402  (bench/step7_pages.py: digits written on ruled
 # One place for Hypothesis settings. Training and CUDA make example times vary, so no
 # deadline; the `ci` profile (chosen when CI is set) is derandomized: same examples each run.
 settings.register_profile(
-    "default", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    "default",
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
-settings.register_profile("ci", settings.get_profile("default"), derandomize=True, database=None, print_blob=True)
+settings.register_profile(
+    "ci", settings.get_profile("default"), derandomize=True, database=None, print_blob=True
+)
 settings.load_profile("ci" if os.environ.get("CI") else "default")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"))]
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+    ),
+]
 seeds = st.integers(min_value=0, max_value=2**31 - 1)
 
 # CUDA may run float32 matmuls in TF32 (10-bit mantissa, ~1e-3 relative error) and with
@@ -107,9 +117,20 @@ def fake_mnist(tmp_path):
 def cli(tmp_path, data_dir, *flags):
     """Arguments for main() that keep every file the run writes inside tmp_path."""
     return [
-        "--data-dir", str(data_dir), "--device", "cpu", "--batch-size", "32", "--val-size", "32",
-        "--save", str(tmp_path / "model.pth"), "--checkpoint", str(tmp_path / "checkpoint.pt"), *flags,
-    ]  # fmt: skip
+        "--data-dir",
+        str(data_dir),
+        "--device",
+        "cpu",
+        "--batch-size",
+        "32",
+        "--val-size",
+        "32",
+        "--save",
+        str(tmp_path / "model.pth"),
+        "--checkpoint",
+        str(tmp_path / "checkpoint.pt"),
+        *flags,
+    ]
 
 
 def run_main_expecting_exit(argv, capsys):
@@ -286,7 +307,9 @@ def test_saved_weights_load_with_the_guides_one_liner(tmp_path):
 
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX permissions and links")
-def test_save_keeps_the_files_permissions_writes_through_a_link_and_follows_no_planted_one(tmp_path):
+def test_save_keeps_the_files_permissions_writes_through_a_link_and_follows_no_planted_one(
+    tmp_path,
+):
     path, victim = tmp_path / "model.pth", tmp_path / "someone-elses-file"
     victim.write_text("keep me")
     # The temporary name an earlier release used: a link planted there must not be followed.
@@ -295,7 +318,9 @@ def test_save_keeps_the_files_permissions_writes_through_a_link_and_follows_no_p
     assert victim.read_text() == "keep me"
     umask = os.umask(0o022)
     os.umask(umask)
-    assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask  # a new file: as open() would make it
+    assert (
+        stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask
+    )  # a new file: as open() would make it
     os.chmod(path, 0o640)  # a file shared with a group only stays so
     mt.save(mt.build_model(), path)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
@@ -312,13 +337,17 @@ def test_any_file_that_is_not_a_model_is_one_clear_error(content, tmp_path):
     path = tmp_path / "notes.txt"
     path.write_bytes(content)
     # (A first byte "c" is pickle's GLOBAL: torch reads it as an attempt to load code, and so do we.)
-    with pytest.raises(mt.UserError, match="is not a PyTorch file, or it is damaged|holds pickled Python objects"):
+    with pytest.raises(
+        mt.UserError, match="is not a PyTorch file, or it is damaged|holds pickled Python objects"
+    ):
         with mt.reading(path):  # what main wraps the lesson's load in
             mt.load(mt.build_model(), path)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_a_checkpoint_written_on_a_gpu_loads_on_a_cpu_only_machine(fake_mnist, tmp_path, monkeypatch):
+def test_a_checkpoint_written_on_a_gpu_loads_on_a_cpu_only_machine(
+    fake_mnist, tmp_path, monkeypatch
+):
     mt.main(cli(tmp_path, fake_mnist, "--epochs", "1"))
     checkpoint = torch.load(tmp_path / "checkpoint.pt")
     for group in checkpoint["optimizer"]["param_groups"]:  # as the former --cuda-graph left them
@@ -330,7 +359,17 @@ def test_a_checkpoint_written_on_a_gpu_loads_on_a_cpu_only_machine(fake_mnist, t
         torch.load(tmp_path / "gpu.pt", weights_only=True)  # what map_location prevents
     model = mt.load(mt.build_model("cpu"), tmp_path / "gpu.pt")
     assert_same_state(state_of(model), checkpoint["model"])
-    resumed = mt.main(cli(tmp_path, fake_mnist, "--resume", "--checkpoint", str(tmp_path / "gpu.pt"), "--epochs", "2"))
+    resumed = mt.main(
+        cli(
+            tmp_path,
+            fake_mnist,
+            "--resume",
+            "--checkpoint",
+            str(tmp_path / "gpu.pt"),
+            "--epochs",
+            "2",
+        )
+    )
     assert len(resumed["history"]) == 1
 
 
@@ -346,7 +385,9 @@ def test_weights_saved_on_cuda_load_on_cpu(seed, tmp_path):
     x = torch.randn(64, 1, 28, 28)
     gpu_model.eval(), cpu_model.eval()
     with torch.no_grad():
-        torch.testing.assert_close(gpu_model(x.cuda()).cpu(), cpu_model(x), **CROSS_DEVICE_TOLERANCE)
+        torch.testing.assert_close(
+            gpu_model(x.cuda()).cpu(), cpu_model(x), **CROSS_DEVICE_TOLERANCE
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -376,9 +417,16 @@ def graph_and_eager_runs(seed, n, batch_size):
 def test_graphed_epochs_match_eager_epochs(seed, n, batch_size):
     images, labels = learnable_images(n, seed)
     x, y = normalized(images).cuda(), labels.cuda()
-    (eager, eager_opt, eager_sched), (graphed, graphed_opt, graphed_sched) = graph_and_eager_runs(seed, n, batch_size)
-    train = cuda_graph.make_graphed_train_epoch(graphed, mt.make_loss(), graphed_opt, graphed_sched, x, y, batch_size)
-    eager_gen, graphed_gen = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+    (eager, eager_opt, eager_sched), (graphed, graphed_opt, graphed_sched) = graph_and_eager_runs(
+        seed, n, batch_size
+    )
+    train = cuda_graph.make_graphed_train_epoch(
+        graphed, mt.make_loss(), graphed_opt, graphed_sched, x, y, batch_size
+    )
+    eager_gen, graphed_gen = (
+        torch.Generator().manual_seed(seed),
+        torch.Generator().manual_seed(seed),
+    )
     for _ in range(2):
         batches = mt.iterate_batches(x, y, batch_size, eager_gen)
         eager_loss = mt.train_epoch(eager, batches, mt.make_loss(), eager_opt, eager_sched)
@@ -391,12 +439,17 @@ def test_graphed_epochs_match_eager_epochs(seed, n, batch_size):
 @needs_cuda
 @given(seed=seeds)
 def test_stale_gradients_do_not_change_a_replayed_step(seed):
-    n, batch_size = 256, 32  # no smaller last batch: after an epoch, .grad holds the graph's buffers
+    n, batch_size = (
+        256,
+        32,
+    )  # no smaller last batch: after an epoch, .grad holds the graph's buffers
     images, labels = learnable_images(n, seed)
     x, y = normalized(images).cuda(), labels.cuda()
     trainers = []
     for model, optimizer, scheduler in graph_and_eager_runs(seed, n, batch_size):
-        train = cuda_graph.make_graphed_train_epoch(model, mt.make_loss(), optimizer, scheduler, x, y, batch_size)
+        train = cuda_graph.make_graphed_train_epoch(
+            model, mt.make_loss(), optimizer, scheduler, x, y, batch_size
+        )
         train(torch.Generator().manual_seed(seed))
         trainers.append((model, train))
     for p in trainers[1][0].parameters():  # garbage where the graph keeps its gradients
@@ -412,7 +465,9 @@ def test_same_seed_gives_identical_weights_on_cpu(seed, tmp_path):
     states = []
     for run, run_seed in enumerate((seed, seed, seed + 1)):
         save = tmp_path / f"model{run}.pth"
-        argv = cli(tmp_path, data_dir, "--epochs", "1", "--seed", str(run_seed), "--save", str(save))
+        argv = cli(
+            tmp_path, data_dir, "--epochs", "1", "--seed", str(run_seed), "--save", str(save)
+        )
         argv += ["--checkpoint", str(tmp_path / f"checkpoint{run}.pt")]
         mt.main(argv)
         states.append(torch.load(save))
@@ -440,7 +495,10 @@ def test_main_trains_end_to_end_on_mnist_format_files(fake_mnist, tmp_path, caps
 
     assert out[0].startswith(f"mnist_train: torch {torch.__version__}, device cpu, seed 0")
     assert [line.split()[1] for line in out[1:4]] == ["1/3", "2/3", "3/3"]
-    assert out[-1] == f"test accuracy {100 * metrics['test_accuracy']:.2f}% | model saved to {tmp_path / 'model.pth'}"
+    assert (
+        out[-1]
+        == f"test accuracy {100 * metrics['test_accuracy']:.2f}% | model saved to {tmp_path / 'model.pth'}"
+    )
     assert metrics["test_accuracy"] > 0.9  # the block position is easy to learn
     assert metrics["history"][-1]["train_loss"] < metrics["history"][0]["train_loss"]
 
@@ -453,7 +511,9 @@ def test_main_trains_end_to_end_on_mnist_format_files(fake_mnist, tmp_path, caps
 
     model = mt.load(mt.build_model(), tmp_path / "model.pth")
     test_set = mt.load_mnist(fake_mnist, False, "cpu")
-    _, accuracy = mt.evaluate(model, mt.iterate_batches(*test_set, mt.EVAL_BATCH_SIZE), mt.make_loss())
+    _, accuracy = mt.evaluate(
+        model, mt.iterate_batches(*test_set, mt.EVAL_BATCH_SIZE), mt.make_loss()
+    )
     assert accuracy == metrics["test_accuracy"]
 
 
@@ -461,13 +521,18 @@ def test_epochs_zero_with_load_only_evaluates(fake_mnist, tmp_path, capsys):
     trained = mt.main(cli(tmp_path, fake_mnist, "--epochs", "2"))
     os.remove(tmp_path / "checkpoint.pt")
     capsys.readouterr()
-    evaluated = mt.main(cli(tmp_path, fake_mnist, "--epochs", "0", "--load", str(tmp_path / "model.pth")))
+    evaluated = mt.main(
+        cli(tmp_path, fake_mnist, "--epochs", "0", "--load", str(tmp_path / "model.pth"))
+    )
     assert evaluated["test_accuracy"] == trained["test_accuracy"]
     out = capsys.readouterr().out.splitlines()
     assert "not trained" in out[1] and out[2].startswith("accuracy per digit: 0 ")
     # The whole confusion matrix follows, aligned: a header of the ten digits, then a row each.
     confusion = torch.tensor(evaluated["confusion"])
-    assert out[4] == "confusion matrix, rows the true digit, columns the predicted:" and len(out) == 5 + 1 + 10
+    assert (
+        out[4] == "confusion matrix, rows the true digit, columns the predicted:"
+        and len(out) == 5 + 1 + 10
+    )
     assert [[int(count) for count in row.split()[1:]] for row in out[6:]] == confusion.tolist()
     assert len({len(row) for row in out[5:]}) == 1
     assert int(confusion.trace()) / int(confusion.sum()) == evaluated["test_accuracy"]
@@ -476,10 +541,23 @@ def test_epochs_zero_with_load_only_evaluates(fake_mnist, tmp_path, capsys):
 
 def test_the_benchmark_prints_a_row_for_every_way_and_each_way_learns(fake_mnist, capsys):
     # bench/ is a folder of scripts, not a package: load the file as the README runs it.
-    spec = importlib.util.spec_from_file_location("benchmark", os.path.join(HERE, "bench", "benchmark.py"))
+    spec = importlib.util.spec_from_file_location(
+        "benchmark", os.path.join(HERE, "bench", "benchmark.py")
+    )
     benchmark = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(benchmark)
-    argv = ["--data-dir", fake_mnist, "--device", "cpu", "--epochs", "3", "--batch-size", "16", "--workers", "1"]
+    argv = [
+        "--data-dir",
+        fake_mnist,
+        "--device",
+        "cpu",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "16",
+        "--workers",
+        "1",
+    ]
     rows = benchmark.main(argv)
     table = capsys.readouterr().out
 
@@ -502,8 +580,18 @@ def train_on_real_mnist(folder, seed):
     argv = ["--data-dir", os.environ["MNIST_DATA_DIR"], "--device", "cpu", "--seed", str(seed)]
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        metrics = mt.main([*argv, "--save", str(folder / f"m{seed}.pth"), "--checkpoint", str(folder / f"c{seed}.pt")])
-    final = re.fullmatch(r"test accuracy ([0-9.]+)% \| model saved to .*", out.getvalue().splitlines()[-1])
+        metrics = mt.main(
+            [
+                *argv,
+                "--save",
+                str(folder / f"m{seed}.pth"),
+                "--checkpoint",
+                str(folder / f"c{seed}.pt"),
+            ]
+        )
+    final = re.fullmatch(
+        r"test accuracy ([0-9.]+)% \| model saved to .*", out.getvalue().splitlines()[-1]
+    )
     return {**metrics, "printed_test_accuracy": float(final.group(1)) / 100}
 
 
@@ -547,7 +635,9 @@ def on_epoch_start(epoch, action):
 
 
 @given(seed=seeds, stop_after=st.integers(1, 2), optimizer_name=st.sampled_from(["adam", "sgd"]))
-def test_resume_after_any_epoch_matches_an_uninterrupted_run(seed, stop_after, optimizer_name, tmp_path_factory):
+def test_resume_after_any_epoch_matches_an_uninterrupted_run(
+    seed, stop_after, optimizer_name, tmp_path_factory
+):
     tmp_path = tmp_path_factory.mktemp("resume")
     data_dir = write_fake_mnist(tmp_path / "data", n_train=96, n_test=20)
     flags = ["--epochs", "3", "--seed", str(seed), "--optimizer", optimizer_name]
@@ -567,13 +657,21 @@ def test_resume_after_any_epoch_matches_an_uninterrupted_run(seed, stop_after, o
 
     mt.main(cli(parts, data_dir, "--resume"))  # the checkpoint supplies seed, optimizer, epochs
     assert_same_state(torch.load(whole / "model.pth"), torch.load(parts / "model.pth"))
-    whole_checkpoint, parts_checkpoint = torch.load(whole / "checkpoint.pt"), torch.load(parts / "checkpoint.pt")
-    assert whole_checkpoint["optimizer"]["state"].keys() == parts_checkpoint["optimizer"]["state"].keys()
+    whole_checkpoint, parts_checkpoint = (
+        torch.load(whole / "checkpoint.pt"),
+        torch.load(parts / "checkpoint.pt"),
+    )
+    assert (
+        whole_checkpoint["optimizer"]["state"].keys()
+        == parts_checkpoint["optimizer"]["state"].keys()
+    )
     for key, state in whole_checkpoint["optimizer"]["state"].items():
         assert_same_state(state, parts_checkpoint["optimizer"]["state"][key])
 
 
-def test_ctrl_c_keeps_the_checkpoint_and_says_how_to_resume(fake_mnist, tmp_path, capsys, monkeypatch):
+def test_ctrl_c_keeps_the_checkpoint_and_says_how_to_resume(
+    fake_mnist, tmp_path, capsys, monkeypatch
+):
     monkeypatch.setattr(mt, "train_epoch", on_epoch_start(2, press_ctrl_c))
     status, err = run_main_expecting_exit(cli(tmp_path, fake_mnist, "--epochs", "3"), capsys)
     assert status == 130
@@ -582,10 +680,14 @@ def test_ctrl_c_keeps_the_checkpoint_and_says_how_to_resume(fake_mnist, tmp_path
     assert "python mnist_train.py --resume" in message and "\n" not in message
 
 
-def test_ctrl_c_while_saving_the_model_can_still_be_resumed(fake_mnist, tmp_path, capsys, monkeypatch):
+def test_ctrl_c_while_saving_the_model_can_still_be_resumed(
+    fake_mnist, tmp_path, capsys, monkeypatch
+):
     monkeypatch.setattr(mt, "save", press_ctrl_c)
     status, err = run_main_expecting_exit(cli(tmp_path, fake_mnist, "--epochs", "2"), capsys)
-    assert status == 130 and "holds epoch 2 of 2; continue with: python mnist_train.py --resume" in err
+    assert (
+        status == 130 and "holds epoch 2 of 2; continue with: python mnist_train.py --resume" in err
+    )
     monkeypatch.undo()
     metrics = mt.main(cli(tmp_path, fake_mnist, "--resume"))
     assert metrics["history"] == [] and os.path.exists(tmp_path / "model.pth")
@@ -595,9 +697,14 @@ def test_ctrl_c_before_training_changes_no_file(fake_mnist, tmp_path, capsys, mo
     mt.main(cli(tmp_path, fake_mnist, "--epochs", "1"))
     before = (tmp_path / "checkpoint.pt").read_bytes(), (tmp_path / "model.pth").read_bytes()
     monkeypatch.setattr(mt, "load_mnist", press_ctrl_c)
-    status, err = run_main_expecting_exit(cli(tmp_path, fake_mnist, "--resume", "--epochs", "2"), capsys)
+    status, err = run_main_expecting_exit(
+        cli(tmp_path, fake_mnist, "--resume", "--epochs", "2"), capsys
+    )
     assert status == 130 and err.strip() == "interrupted before training began: no file was changed"
-    assert ((tmp_path / "checkpoint.pt").read_bytes(), (tmp_path / "model.pth").read_bytes()) == before
+    assert (
+        (tmp_path / "checkpoint.pt").read_bytes(),
+        (tmp_path / "model.pth").read_bytes(),
+    ) == before
 
 
 def test_extending_a_finished_run_trains_the_extra_epochs(fake_mnist, tmp_path, capsys):
@@ -610,14 +717,21 @@ def test_extending_a_finished_run_trains_the_extra_epochs(fake_mnist, tmp_path, 
 
 def test_resuming_with_another_optimizer_is_refused(fake_mnist, tmp_path, capsys):
     mt.main(cli(tmp_path, fake_mnist, "--epochs", "1"))
-    status, err = run_main_expecting_exit(cli(tmp_path, fake_mnist, "--resume", "--optimizer", "sgd"), capsys)
+    status, err = run_main_expecting_exit(
+        cli(tmp_path, fake_mnist, "--resume", "--optimizer", "sgd"), capsys
+    )
     assert status == 1
-    assert err.strip() == "error: --optimizer sgd does not match the checkpoint's adam: drop --optimizer to resume"
+    assert (
+        err.strip()
+        == "error: --optimizer sgd does not match the checkpoint's adam: drop --optimizer to resume"
+    )
 
 
 def test_a_fresh_run_does_not_overwrite_an_unfinished_checkpoint(fake_mnist, tmp_path, capsys):
     mt.main(cli(tmp_path, fake_mnist, "--epochs", "1"))
-    mt.main(cli(tmp_path, fake_mnist, "--epochs", "1"))  # a finished run's checkpoint may be replaced
+    mt.main(
+        cli(tmp_path, fake_mnist, "--epochs", "1")
+    )  # a finished run's checkpoint may be replaced
     mt.save_checkpoint(tmp_path / "checkpoint.pt", *unfinished_run_state())
     unfinished = (tmp_path / "checkpoint.pt").read_bytes()
     status, err = run_main_expecting_exit(cli(tmp_path, fake_mnist, "--epochs", "1"), capsys)
@@ -625,8 +739,12 @@ def test_a_fresh_run_does_not_overwrite_an_unfinished_checkpoint(fake_mnist, tmp
     assert (tmp_path / "checkpoint.pt").read_bytes() == unfinished
 
 
-@given(total_before=st.integers(10, 200), extra=st.integers(0, 200), done_fraction=st.floats(0.1, 1.0))
-def test_resuming_follows_the_schedule_of_the_new_total(total_before, extra, done_fraction, tmp_path):
+@given(
+    total_before=st.integers(10, 200), extra=st.integers(0, 200), done_fraction=st.floats(0.1, 1.0)
+)
+def test_resuming_follows_the_schedule_of_the_new_total(
+    total_before, extra, done_fraction, tmp_path
+):
     model, optimizer, scheduler, generator, _, settings = unfinished_run_state(total_before)
     for _ in range(int(done_fraction * total_before)):
         optimizer.step()
@@ -635,7 +753,9 @@ def test_resuming_follows_the_schedule_of_the_new_total(total_before, extra, don
     model, optimizer, scheduler, generator, _, _ = unfinished_run_state(total_before + extra)
     checkpoint = mt.read_checkpoint(tmp_path / "c.pt", "cpu")
     steps_per_epoch = checkpoint["scheduler"]["last_epoch"]  # saved after epoch 1
-    mt.load_checkpoint(checkpoint, tmp_path / "c.pt", model, optimizer, scheduler, generator, steps_per_epoch)
+    mt.load_checkpoint(
+        checkpoint, tmp_path / "c.pt", model, optimizer, scheduler, generator, steps_per_epoch
+    )
     # What a run planned for the new total would use at this step.
     fresh_model, fresh_optimizer, fresh_scheduler, *_ = unfinished_run_state(total_before + extra)
     for _ in range(scheduler.last_epoch):
@@ -657,13 +777,17 @@ def test_a_cuda_graph_checkpoint_resumes_as_a_plain_eager_run(tmp_path):
     mt.save_checkpoint(tmp_path / "c.pt", model, optimizer, scheduler, generator, 1, settings)
     model, optimizer, scheduler, generator, _, _ = unfinished_run_state()
     checkpoint = mt.read_checkpoint(tmp_path / "c.pt", "cpu")
-    mt.load_checkpoint(checkpoint, tmp_path / "c.pt", model, optimizer, scheduler, generator, 3)  # epoch 1: 3 steps
+    mt.load_checkpoint(
+        checkpoint, tmp_path / "c.pt", model, optimizer, scheduler, generator, 3
+    )  # epoch 1: 3 steps
     for group in optimizer.param_groups:
         assert type(group["lr"]) is float and group["lr"] == pytest.approx(eager_lr, rel=1e-6)
         assert group["capturable"] is False
 
 
-def test_a_fresh_run_does_not_overwrite_a_file_that_is_not_a_checkpoint(fake_mnist, tmp_path, capsys):
+def test_a_fresh_run_does_not_overwrite_a_file_that_is_not_a_checkpoint(
+    fake_mnist, tmp_path, capsys
+):
     (tmp_path / "checkpoint.pt").write_text("my notes")
     status, err = run_main_expecting_exit(cli(tmp_path, fake_mnist, "--epochs", "1"), capsys)
     assert status == 1 and "not overwriting it: move it away or pick another --checkpoint" in err
@@ -673,8 +797,22 @@ def test_a_fresh_run_does_not_overwrite_a_file_that_is_not_a_checkpoint(fake_mni
 def unfinished_run_state(total_steps=10):
     model = mt.build_model()
     optimizer = mt.make_optimizer(model)
-    settings = {"epochs": 5, "batch_size": 32, "optimizer": "adam", "seed": 0, "lr": 3e-3, "val_size": 0}
-    return model, optimizer, mt.make_scheduler(optimizer, total_steps), torch.Generator(), 1, settings
+    settings = {
+        "epochs": 5,
+        "batch_size": 32,
+        "optimizer": "adam",
+        "seed": 0,
+        "lr": 3e-3,
+        "val_size": 0,
+    }
+    return (
+        model,
+        optimizer,
+        mt.make_scheduler(optimizer, total_steps),
+        torch.Generator(),
+        1,
+        settings,
+    )
 
 
 @given(seed=seeds, epoch=st.integers(0, 100))
@@ -682,7 +820,11 @@ def test_checkpoint_round_trips_through_weights_only_load(seed, epoch, tmp_path)
     torch.manual_seed(seed)
     model, optimizer, scheduler, generator, _, settings = unfinished_run_state()
     mt.train_epoch(
-        model, [(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,)))], mt.make_loss(), optimizer, scheduler
+        model,
+        [(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,)))],
+        mt.make_loss(),
+        optimizer,
+        scheduler,
     )
     generator.manual_seed(seed)
     mt.save_checkpoint(tmp_path / "c.pt", model, optimizer, scheduler, generator, epoch, settings)
@@ -731,7 +873,9 @@ def test_bad_flags_are_usage_errors(flags, complaint, capsys):
 def test_asking_for_cuda_without_it_is_an_error(fake_mnist, tmp_path, capsys):
     status, err = run_main_expecting_exit(cli(tmp_path, fake_mnist, "--device", "cuda"), capsys)
     assert status == 1
-    assert err.startswith("error: --device cuda: CUDA is not available here") and err.count("\n") == 1
+    assert (
+        err.startswith("error: --device cuda: CUDA is not available here") and err.count("\n") == 1
+    )
 
 
 @pytest.mark.skipif(torch.backends.mps.is_available(), reason="needs a machine without MPS")
@@ -760,7 +904,10 @@ def test_a_truncated_mnist_file_is_named(name, cut, tmp_path_factory, capsys):
         f.truncate(max(0, os.path.getsize(path) - cut))
     status, err = run_main_expecting_exit(cli(tmp_path, data_dir), capsys)
     assert status == 1
-    assert err.strip() == f"error: {path} is truncated or corrupt: delete it and fetch it again from {mt.MNIST_MIRROR}"
+    assert (
+        err.strip()
+        == f"error: {path} is truncated or corrupt: delete it and fetch it again from {mt.MNIST_MIRROR}"
+    )
 
 
 def test_images_and_labels_of_different_counts_are_named(fake_mnist, tmp_path, capsys):
@@ -779,7 +926,8 @@ def test_labels_where_images_belong_are_refused(fake_mnist, tmp_path, capsys):
 
 def test_labels_out_of_range_are_named(fake_mnist, tmp_path, capsys):
     write_idx(
-        os.path.join(fake_mnist, "MNIST", "raw", "t10k-labels-idx1-ubyte"), torch.full((100,), 200, dtype=torch.uint8)
+        os.path.join(fake_mnist, "MNIST", "raw", "t10k-labels-idx1-ubyte"),
+        torch.full((100,), 200, dtype=torch.uint8),
     )
     status, err = run_main_expecting_exit(cli(tmp_path, fake_mnist), capsys)
     assert status == 1 and "t10k-labels-idx1-ubyte has labels above 9" in err
@@ -789,8 +937,14 @@ class RunsCodeWhenUnpickled:
     def __init__(self, marker, how):
         self.marker, self.how = marker, how
 
-    def __reduce__(self):  # would create the marker file: with open(), or a shell command through os.system
-        return (open, (self.marker, "w")) if self.how == "open" else (os.system, (f"touch {self.marker}",))
+    def __reduce__(
+        self,
+    ):  # would create the marker file: with open(), or a shell command through os.system
+        return (
+            (open, (self.marker, "w"))
+            if self.how == "open"
+            else (os.system, (f"touch {self.marker}",))
+        )
 
 
 @pytest.mark.parametrize("how", ["open", "os.system"])
@@ -799,7 +953,9 @@ def test_load_refuses_a_file_that_would_run_code(how, tmp_path):
     torch.save({"fc1.weight": RunsCodeWhenUnpickled(str(marker), how)}, tmp_path / "evil.pth")
     with pytest.raises(pickle.UnpicklingError):  # the lesson's load: weights_only=True refuses it
         mt.load(mt.build_model(), tmp_path / "evil.pth")
-    with pytest.raises(mt.UserError, match="holds pickled Python objects, which could run code: refused"):
+    with pytest.raises(
+        mt.UserError, match="holds pickled Python objects, which could run code: refused"
+    ):
         with mt.reading(tmp_path / "evil.pth"):  # what main wraps it in
             mt.load(mt.build_model(), tmp_path / "evil.pth")
     assert not marker.exists()
@@ -809,20 +965,32 @@ def test_load_refuses_a_file_that_would_run_code(how, tmp_path):
     "make_file, complaint",
     [
         (lambda path: None, "no such file"),
-        (lambda path: path.write_bytes(b"not a model at all"), "is not a PyTorch file, or it is damaged"),
+        (
+            lambda path: path.write_bytes(b"not a model at all"),
+            "is not a PyTorch file, or it is damaged",
+        ),
         (lambda path: path.write_bytes(b""), "is not a PyTorch file, or it is damaged"),
         (lambda path: torch.save([1, 2, 3], path), "does not hold a state_dict"),
         (
-            lambda path: torch.save({**mt.Net().state_dict(), "fc1.weight": torch.zeros(256, 784)}, path),
+            lambda path: torch.save(
+                {**mt.Net().state_dict(), "fc1.weight": torch.zeros(256, 784)}, path
+            ),
             "was saved from another model: size mismatch for fc1.weight: copying a param with shape torch.Size([256, 784])",
         ),
-        (lambda path: torch.save({"fc1.weight": torch.zeros(128, 784)}, path), "Missing key(s) in state_dict: \"fc1.bias\""),
+        (
+            lambda path: torch.save({"fc1.weight": torch.zeros(128, 784)}, path),
+            'Missing key(s) in state_dict: "fc1.bias"',
+        ),
     ],
 )
-def test_load_explains_what_is_wrong_with_a_file(make_file, complaint, fake_mnist, tmp_path, capsys):
+def test_load_explains_what_is_wrong_with_a_file(
+    make_file, complaint, fake_mnist, tmp_path, capsys
+):
     path = tmp_path / "weights.pth"
     make_file(path)
-    status, err = run_main_expecting_exit(cli(tmp_path, fake_mnist, "--epochs", "0", "--load", str(path)), capsys)
+    status, err = run_main_expecting_exit(
+        cli(tmp_path, fake_mnist, "--epochs", "0", "--load", str(path)), capsys
+    )
     assert status == 1
     assert err.startswith(f"error: {path}") and complaint in err and err.count("\n") == 1
 
@@ -842,8 +1010,14 @@ def test_resume_from_a_damaged_checkpoint_is_a_clear_error(damage, fake_mnist, t
     checkpoint = torch.load(tmp_path / "checkpoint.pt")
     damage(checkpoint)
     torch.save(checkpoint, tmp_path / "checkpoint.pt")
-    status, err = run_main_expecting_exit(cli(tmp_path, fake_mnist, "--resume", "--epochs", "2"), capsys)
-    assert status == 1 and err.startswith(f"error: {tmp_path / 'checkpoint.pt'}") and err.count("\n") == 1
+    status, err = run_main_expecting_exit(
+        cli(tmp_path, fake_mnist, "--resume", "--epochs", "2"), capsys
+    )
+    assert (
+        status == 1
+        and err.startswith(f"error: {tmp_path / 'checkpoint.pt'}")
+        and err.count("\n") == 1
+    )
 
 
 def test_resume_from_a_model_file_says_it_is_not_a_checkpoint(fake_mnist, tmp_path, capsys):
@@ -855,12 +1029,22 @@ def test_resume_from_a_model_file_says_it_is_not_a_checkpoint(fake_mnist, tmp_pa
 
 @pytest.mark.parametrize("flag", ["--save", "--checkpoint"])
 @pytest.mark.parametrize("where", ["missing-folder/out.pth", "a-file/out.pth", "."])
-def test_unwritable_outputs_are_refused_before_training(flag, where, fake_mnist, tmp_path, capsys, monkeypatch):
+def test_unwritable_outputs_are_refused_before_training(
+    flag, where, fake_mnist, tmp_path, capsys, monkeypatch
+):
     (tmp_path / "a-file").write_text("")
-    monkeypatch.setattr(mt, "load_mnist", lambda *args, **kwargs: pytest.fail("loaded data before checking outputs"))
-    status, err = run_main_expecting_exit(cli(tmp_path, fake_mnist, flag, str(tmp_path / where)), capsys)
+    monkeypatch.setattr(
+        mt, "load_mnist", lambda *args, **kwargs: pytest.fail("loaded data before checking outputs")
+    )
+    status, err = run_main_expecting_exit(
+        cli(tmp_path, fake_mnist, flag, str(tmp_path / where)), capsys
+    )
     if where == ".":  # a folder: never replaced
-        assert status == 1 and "is a folder, not a " in err and err.rstrip().endswith(f"pick another {flag}")
+        assert (
+            status == 1
+            and "is a folder, not a " in err
+            and err.rstrip().endswith(f"pick another {flag}")
+        )
     else:
         assert status == 1 and err.startswith(f"error: {flag} {tmp_path / where}")
 
@@ -872,7 +1056,9 @@ def test_a_diverging_loss_stops_the_run_and_keeps_the_last_checkpoint(fake_mnist
         "the loss became nan in epoch 1: try a lower --lr (this run used 1e+30); nothing was saved"
         in err
     )
-    assert not os.path.exists(tmp_path / "checkpoint.pt") and not os.path.exists(tmp_path / "model.pth")
+    assert not os.path.exists(tmp_path / "checkpoint.pt") and not os.path.exists(
+        tmp_path / "model.pth"
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -918,7 +1104,9 @@ def test_a_process_killed_while_saving_leaves_the_previous_file_whole(stall_afte
 def test_ctrl_c_in_a_real_process_exits_130_with_one_line(tmp_path):
     data_dir = write_fake_mnist(tmp_path / "data", n_train=2000, n_test=20)
     argv = [sys.executable, "-u", "mnist_train.py", *cli(tmp_path, data_dir, "--epochs", "1000")]
-    process = subprocess.Popen(argv, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        argv, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     while not process.stdout.readline().startswith("epoch  2/1000"):
         pass
     process.send_signal(signal.SIGINT)
@@ -973,12 +1161,32 @@ def no_temporary_files_in(folder):
 #  whether epoch 1's checkpoint survives). Room 0 fails at torch.save's first write (an
 #  OSError); 4096 and 600,000 fail inside its zip writer (a RuntimeError caused by the OSError).
 WRITE_FAULTS = {
-    "disk full at once": (lambda mp, _: mp.setattr(mt, "open", disk_full_after(0), raising=False), "no space left on the device", True),
-    "disk full after 4 kB": (lambda mp, _: mp.setattr(mt, "open", disk_full_after(4096), raising=False), "no space left on the device", True),
-    "disk full after 600 kB": (lambda mp, _: mp.setattr(mt, "open", disk_full_after(600_000), raising=False), "no space left on the device", True),
-    "filesystem read-only": (lambda mp, _: mp.setattr(mt, "open", read_only_filesystem, raising=False), "the filesystem is read-only", True),
-    "folder removed": (lambda mp, folder: shutil.rmtree(folder), "the folder {folder} no longer exists", False),
-}  # fmt: skip
+    "disk full at once": (
+        lambda mp, _: mp.setattr(mt, "open", disk_full_after(0), raising=False),
+        "no space left on the device",
+        True,
+    ),
+    "disk full after 4 kB": (
+        lambda mp, _: mp.setattr(mt, "open", disk_full_after(4096), raising=False),
+        "no space left on the device",
+        True,
+    ),
+    "disk full after 600 kB": (
+        lambda mp, _: mp.setattr(mt, "open", disk_full_after(600_000), raising=False),
+        "no space left on the device",
+        True,
+    ),
+    "filesystem read-only": (
+        lambda mp, _: mp.setattr(mt, "open", read_only_filesystem, raising=False),
+        "the filesystem is read-only",
+        True,
+    ),
+    "folder removed": (
+        lambda mp, folder: shutil.rmtree(folder),
+        "the folder {folder} no longer exists",
+        False,
+    ),
+}
 
 
 @pytest.mark.parametrize("fault", WRITE_FAULTS)
@@ -1012,9 +1220,13 @@ def test_a_write_that_fails_mid_run_ends_in_one_line_and_loses_nothing(
         assert err.rstrip().endswith(f"{checkpoint} is gone as well: nothing of this run is left")
 
 
-def test_a_fault_on_the_first_write_says_nothing_was_saved(fake_mnist, tmp_path, capsys, monkeypatch):
+def test_a_fault_on_the_first_write_says_nothing_was_saved(
+    fake_mnist, tmp_path, capsys, monkeypatch
+):
     monkeypatch.setattr(
-        mt, "train_epoch", on_epoch_start(1, lambda: WRITE_FAULTS["disk full after 4 kB"][0](monkeypatch, None))
+        mt,
+        "train_epoch",
+        on_epoch_start(1, lambda: WRITE_FAULTS["disk full after 4 kB"][0](monkeypatch, None)),
     )
     status, err = run_main_expecting_exit(cli(tmp_path, fake_mnist, "--epochs", "2"), capsys)
     assert status == 1 and err.rstrip().endswith("no space left on the device; nothing was saved")
@@ -1027,7 +1239,9 @@ def test_a_full_disk_while_saving_the_model_says_how_to_get_it_from_the_checkpoi
     model_path, checkpoint = tmp_path / "model.pth", tmp_path / "checkpoint.pt"
     mt.save(mt.build_model(), model_path)  # an older model, which must survive
     older = model_path.read_bytes()
-    fill_only_the_model = lambda: monkeypatch.setattr(mt, "open", disk_full_after(1000, only=model_path), raising=False)  # noqa: E731
+    fill_only_the_model = lambda: monkeypatch.setattr(
+        mt, "open", disk_full_after(1000, only=model_path), raising=False
+    )  # noqa: E731
     monkeypatch.setattr(mt, "train_epoch", on_epoch_start(2, fill_only_the_model))
     status, err = run_main_expecting_exit(cli(tmp_path, fake_mnist, "--epochs", "2"), capsys)
 
@@ -1068,7 +1282,9 @@ def test_sigterm_stops_like_ctrl_c(function, line, fake_mnist, tmp_path, capsys,
         status, err = run_main_expecting_exit(cli(tmp_path, fake_mnist, "--epochs", "2"), capsys)
         assert status == 143 and err.count("\n") == 1
         assert err.startswith(line.format(checkpoint=tmp_path / "checkpoint.pt"))
-        assert signal.getsignal(signal.SIGTERM) is unhandled  # main leaves the process as it found it
+        assert (
+            signal.getsignal(signal.SIGTERM) is unhandled
+        )  # main leaves the process as it found it
     finally:
         signal.signal(signal.SIGTERM, handler_before)
 
@@ -1080,7 +1296,9 @@ def test_sigterm_in_a_real_process_exits_143_and_resumes_to_the_same_weights(tmp
     # One thread, here and in the process: the same sums in the same order, so the same bits.
     argv = [sys.executable, "-u", "mnist_train.py", *cli(stopped, data_dir, "--epochs", "6")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(argv, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    process = subprocess.Popen(
+        argv, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
     for line in process.stdout:
         if line.startswith("epoch  1/6"):
             process.send_signal(signal.SIGTERM)
@@ -1185,11 +1403,29 @@ def start_torchrun(tmp_path, argv, processes=2, env=None, launcher=("--standalon
     script = tmp_path / "worker.py"
     if not script.exists():  # (two launchers share it)
         script.write_text(TORCHRUN_WORKER)
-    env = {**os.environ, "PYTHONPATH": HERE, "WRITES_LOG": str(tmp_path / "writes.log"),
-           "FETCHES_LOG": str(tmp_path / "fetches.log"), **(env or {})}  # fmt: skip
-    command = [sys.executable, "-m", "torch.distributed.run", *launcher, f"--nproc_per_node={processes}"]
-    return subprocess.Popen([*command, str(script), *argv], cwd=HERE, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": HERE,
+        "WRITES_LOG": str(tmp_path / "writes.log"),
+        "FETCHES_LOG": str(tmp_path / "fetches.log"),
+        **(env or {}),
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        *launcher,
+        f"--nproc_per_node={processes}",
+    ]
+    return subprocess.Popen(
+        [*command, str(script), *argv],
+        cwd=HERE,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **popen,
+    )
 
 
 def torchrun(tmp_path, argv, processes=2, launcher=("--standalone",), **env):
@@ -1222,7 +1458,9 @@ def two_process_job(tmp_path_factory):
     folder = tmp_path_factory.mktemp("torchrun")
     data_dir, two = write_uneven_mnist(folder / "data"), folder / "two"
     two.mkdir()
-    done, _ = torchrun(folder, cli(two, data_dir, "--epochs", "2"))  # 62 trained on: batches of 32 and 30, split evenly
+    done, _ = torchrun(
+        folder, cli(two, data_dir, "--epochs", "2")
+    )  # 62 trained on: batches of 32 and 30, split evenly
     assert done.returncode == 0, done.stderr
     return data_dir, folder, done, torch.load(two / "model.pth")
 
@@ -1252,9 +1490,13 @@ def test_torchrun_with_two_processes_follows_one_process(two_process_job, tmp_pa
     # the saved weights on the whole test set.
     model = mt.load(mt.build_model(), two / "model.pth")
     test_set = mt.load_mnist(data_dir, False, "cpu")
-    _, accuracy = mt.evaluate(model, mt.iterate_batches(*test_set, mt.EVAL_BATCH_SIZE), mt.make_loss())
+    _, accuracy = mt.evaluate(
+        model, mt.iterate_batches(*test_set, mt.EVAL_BATCH_SIZE), mt.make_loss()
+    )
     assert out[-1] == f"test accuracy {100 * accuracy:.2f}% | model saved to {two / 'model.pth'}"
-    assert out[3:5] == mt.class_report(mt.confusion_matrix(model, mt.iterate_batches(*test_set, mt.EVAL_BATCH_SIZE)))
+    assert out[3:5] == mt.class_report(
+        mt.confusion_matrix(model, mt.iterate_batches(*test_set, mt.EVAL_BATCH_SIZE))
+    )
 
     # Checkpoints cross over: two processes' resumes in one, one's resumes under torchrun,
     # and both end where they would have together.
@@ -1263,7 +1505,9 @@ def test_torchrun_with_two_processes_follows_one_process(two_process_job, tmp_pa
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[1] == f"resumed from {one / 'checkpoint.pt'} after epoch 2"
     for name, tensor in torch.load(two / "model.pth").items():
-        torch.testing.assert_close(torch.load(one / "model.pth")[name], tensor, **TORCHRUN_TOLERANCE)
+        torch.testing.assert_close(
+            torch.load(one / "model.pth")[name], tensor, **TORCHRUN_TOLERANCE
+        )
 
 
 def test_a_process_that_cannot_start_ends_the_job_with_its_one_line(fake_mnist, tmp_path):
@@ -1277,12 +1521,16 @@ def test_a_process_that_cannot_start_ends_the_job_with_its_one_line(fake_mnist, 
 
 
 def test_a_process_that_dies_mid_run_ends_the_job_promptly(fake_mnist, tmp_path):
-    done, seconds = torchrun(tmp_path, cli(tmp_path, fake_mnist, "--epochs", "5"), FAIL_ON_RANK="1", FAULT="crash")
+    done, seconds = torchrun(
+        tmp_path, cli(tmp_path, fake_mnist, "--epochs", "5"), FAIL_ON_RANK="1", FAULT="crash"
+    )
     # Not the 30 minutes of a collective's timeout: rank 0 learns at once that its peer is gone.
     assert done.returncode != 0 and seconds < 60
     assert not worker_tracebacks(done.stderr)
     ours = [line for line in done.stderr.splitlines() if line.startswith(("error", "terminated"))]
-    assert len(ours) == 1 and f"{tmp_path / 'checkpoint.pt'} holds epoch 1 of 5" in ours[0], done.stderr
+    assert len(ours) == 1 and f"{tmp_path / 'checkpoint.pt'} holds epoch 1 of 5" in ours[0], (
+        done.stderr
+    )
     assert torch.load(tmp_path / "checkpoint.pt")["epoch"] == 1
 
 
@@ -1290,7 +1538,9 @@ def test_a_process_that_dies_mid_run_ends_the_job_promptly(fake_mnist, tmp_path)
 def test_a_stopped_torchrun_job_says_once_how_to_resume_it(stop, tmp_path):
     data_dir = write_fake_mnist(tmp_path / "data", n_train=2000, n_test=20)
     # In a session of its own, like a job started from a terminal: Ctrl-C signals the whole group.
-    job = start_torchrun(tmp_path, cli(tmp_path, data_dir, "--epochs", "1000"), start_new_session=True)
+    job = start_torchrun(
+        tmp_path, cli(tmp_path, data_dir, "--epochs", "1000"), start_new_session=True
+    )
     for line in job.stdout:
         if line.startswith("epoch  2/1000"):
             break
@@ -1304,7 +1554,10 @@ def test_a_stopped_torchrun_job_says_once_how_to_resume_it(stop, tmp_path):
     assert len(ours) == 1, err
     how = "interrupted" if stop.startswith("Ctrl-C") else "terminated by SIGTERM"
     assert ours[0].startswith(f"{how}: {tmp_path / 'checkpoint.pt'} holds epoch ")
-    assert "; continue with: torchrun --standalone --nproc_per_node=2 mnist_train.py --resume " in ours[0]
+    assert (
+        "; continue with: torchrun --standalone --nproc_per_node=2 mnist_train.py --resume "
+        in ours[0]
+    )
     assert not worker_tracebacks(err)
     assert torch.load(tmp_path / "checkpoint.pt")["epoch"] >= 2
 
@@ -1319,12 +1572,20 @@ def test_under_torchrun_mps_and_a_batch_smaller_than_the_processes_are_refused(m
         mt.resolve_settings(run, torch.device("cpu"))
 
 
-def test_main_runs_in_a_thread_and_with_rank_variables_set_by_hand(fake_mnist, tmp_path, monkeypatch):
+def test_main_runs_in_a_thread_and_with_rank_variables_set_by_hand(
+    fake_mnist, tmp_path, monkeypatch
+):
     # Only the main thread can take signals; and RANK & co. without torchrun's MASTER_ADDR is one process.
-    monkeypatch.setenv("RANK", "0"), monkeypatch.setenv("WORLD_SIZE", "1"), monkeypatch.setenv("LOCAL_RANK", "0")
+    (
+        monkeypatch.setenv("RANK", "0"),
+        monkeypatch.setenv("WORLD_SIZE", "1"),
+        monkeypatch.setenv("LOCAL_RANK", "0"),
+    )
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     results = []
-    thread = threading.Thread(target=lambda: results.append(mt.main(cli(tmp_path, fake_mnist, "--epochs", "1"))))
+    thread = threading.Thread(
+        target=lambda: results.append(mt.main(cli(tmp_path, fake_mnist, "--epochs", "1")))
+    )
     thread.start(), thread.join()
     assert results and results[0]["epochs"] == 1
 
@@ -1370,7 +1631,11 @@ def copied(names):
         targets = [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
         return getattr(node, "name", None) in names or any(t in names for t in targets)
 
-    kept = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom)) or defines(node)]
+    kept = [
+        node
+        for node in tree.body
+        if isinstance(node, (ast.Import, ast.ImportFrom)) or defines(node)
+    ]
     return "\n\n".join(ast.get_source_segment(text, node) for node in kept) + "\n"
 
 
@@ -1382,26 +1647,48 @@ lesson.save(model, "model.pth")
 loaded = lesson.load(lesson.build_model(), "model.pth")
 assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
 """,
-    ("Net", "build_model", "make_loss", "DEFAULT_LR", "make_optimizer", "train_step", "train_epoch", "evaluate"): """
+    (
+        "Net",
+        "build_model",
+        "make_loss",
+        "DEFAULT_LR",
+        "make_optimizer",
+        "train_step",
+        "train_epoch",
+        "evaluate",
+    ): """
 model, loss_fn = lesson.build_model(), lesson.make_loss()
 batches = [(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,)))]
 lesson.train_epoch(model, batches, loss_fn, lesson.make_optimizer(model))
 assert 0 <= lesson.evaluate(model, batches, loss_fn)[1] <= 1
 """,
-    ("MNIST_MEAN", "MNIST_STD", "MIN_INK", "MAX_SIDE", "PIECES_SIDE", "THINNEST_STROKE", "prepare_digit",
-     "ink_on_black", "paper_level", "digit_pieces", "mnist_strokes"): """
+    (
+        "MNIST_MEAN",
+        "MNIST_STD",
+        "MIN_INK",
+        "MAX_SIDE",
+        "PIECES_SIDE",
+        "THINNEST_STROKE",
+        "prepare_digit",
+        "ink_on_black",
+        "paper_level",
+        "digit_pieces",
+        "mnist_strokes",
+    ): """
 picture = torch.full((3, 100, 100), 200, dtype=torch.uint8)
 picture[:, 30:70, 45:55] = 20  # a dark "1" on gray paper, in RGB
 assert lesson.prepare_digit(picture).shape == (1, 28, 28)
 """,
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("names", FUNCTION_COPIES, ids=lambda names: names[-1])
 def test_a_function_copied_with_what_the_readme_names_runs(names, tmp_path):
     (tmp_path / "lesson.py").write_text(copied(names))
     script = "import torch, lesson\ntorch.manual_seed(0)\n" + FUNCTION_COPIES[names]
-    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
 
 
@@ -1413,7 +1700,9 @@ def test_the_lesson_cut_out_of_the_file_runs_on_its_own(cut, tmp_path):
     assert "def main" not in (tmp_path / "lesson.py").read_text()
     # A fresh interpreter in another folder: nothing of the machinery can be found there.
     script = "import pytest, torch, lesson\ntorch.manual_seed(0)\n" + LESSON_CUTS[cut]
-    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
 
 
@@ -1427,7 +1716,8 @@ def drawn_digit(seed):
     the central 20x20 box, drawn 4x larger and shrunk with anti-aliasing."""
     g = torch.Generator().manual_seed(seed)
     points = [
-        tuple((16 + 80 * torch.rand(2, generator=g)).tolist()) for _ in range(int(torch.randint(3, 6, (), generator=g)))
+        tuple((16 + 80 * torch.rand(2, generator=g)).tolist())
+        for _ in range(int(torch.randint(3, 6, (), generator=g)))
     ]
     canvas = Image.new("L", (112, 112))
     ImageDraw.Draw(canvas).line(points, fill=255, width=10, joint="curve")
@@ -1439,7 +1729,9 @@ def save_as_users_file(digit, path, scale, margins, where, dark_on_light, kind):
     """Write `digit` as a user's picture of it: `scale` times larger, at `where` (fractions) in a
     canvas `margins` larger, dark ink on light paper or the reverse, as `kind`."""
     size = round(28 * scale)
-    ink = F.interpolate(digit.float()[None, None] / 255, size=(size, size), mode="bilinear", antialias=size < 28)[0, 0]
+    ink = F.interpolate(
+        digit.float()[None, None] / 255, size=(size, size), mode="bilinear", antialias=size < 28
+    )[0, 0]
     canvas = torch.zeros(size + margins[0], size + margins[1])
     top, left = round(where[0] * margins[0]), round(where[1] * margins[1])
     canvas[top : top + size, left : left + size] = ink.clamp(0, 1)
@@ -1500,7 +1792,10 @@ def test_a_digit_prepares_alike_at_any_scale_place_polarity_and_format(
     rows, cols = prepared.any(1).nonzero()[:, 0], prepared.any(0).nonzero()[:, 0]
     assert rows[-1] - rows[0] < 20 and cols[-1] - cols[0] < 20
     mass = prepared.sum()
-    centre = ((prepared.sum(1) * torch.arange(28)).sum() / mass, (prepared.sum(0) * torch.arange(28)).sum() / mass)
+    centre = (
+        (prepared.sum(1) * torch.arange(28)).sum() / mass,
+        (prepared.sum(0) * torch.arange(28)).sum() / mass,
+    )
     for axis, (first, last) in zip(centre, ((rows[0], rows[-1]), (cols[0], cols[-1]))):
         assert abs(axis - 14) <= 1 or first == 0 or last == 27
 
@@ -1515,9 +1810,14 @@ def test_prepare_digit_keeps_the_aspect_ratio():
 
 
 def test_prepare_digit_refuses_a_picture_without_ink():
-    lit_unevenly = (242 - 64 * torch.linspace(0, 1, 300)).round().to(torch.uint8).expand(1, 200, 300)  # no ink either
-    for blank in (torch.full((1, 60, 80), 255, dtype=torch.uint8), torch.full((3, 40, 40), 90, dtype=torch.uint8),
-                  lit_unevenly):
+    lit_unevenly = (
+        (242 - 64 * torch.linspace(0, 1, 300)).round().to(torch.uint8).expand(1, 200, 300)
+    )  # no ink either
+    for blank in (
+        torch.full((1, 60, 80), 255, dtype=torch.uint8),
+        torch.full((3, 40, 40), 90, dtype=torch.uint8),
+        lit_unevenly,
+    ):
         with pytest.raises(ValueError, match="no ink found"):
             mt.prepare_digit(blank)
 
@@ -1558,7 +1858,10 @@ def test_predict_answers_the_good_files_and_names_each_bad_one(tmp_path, capsys)
     bad = {
         "missing.png": (lambda path: None, ": no such file"),
         "a-folder": (lambda path: path.mkdir(), " is a folder, not an image"),
-        "notes.png": (lambda path: path.write_text("a shopping list"), " is not an image Pillow can read"),
+        "notes.png": (
+            lambda path: path.write_text("a shopping list"),
+            " is not an image Pillow can read",
+        ),
         "empty.png": (lambda path: path.write_bytes(b""), " is an empty file"),
         "cut.png": (
             lambda path: path.write_bytes((tmp_path / "seven.png").read_bytes()[:300]),
@@ -1582,43 +1885,69 @@ def test_predict_answers_the_good_files_and_names_each_bad_one(tmp_path, capsys)
     answer = r": \d \(\d+\.\d%\), then \d \(\d+\.\d%\), \d \(\d+\.\d%\)( \(unsure: unlike MNIST's digits\))?"
     assert [line.split(": ")[0] for line in out.splitlines()] == [images[0], images[-1]]
     assert all(
-        re.fullmatch(re.escape(path) + answer, line) for path, line in zip((images[0], images[-1]), out.splitlines())
+        re.fullmatch(re.escape(path) + answer, line)
+        for path, line in zip((images[0], images[-1]), out.splitlines())
     )
 
 
 # The picture below has 212 x 212 = 44,944 pixels. Pillow refuses more than twice its limit
 # outright, and between one and two times only warns: read_image refuses both.
 @pytest.mark.parametrize("limit", [10_000, 30_000])
-def test_a_picture_too_large_to_read_safely_is_refused_with_one_line(limit, tmp_path, capsys, monkeypatch):
+def test_a_picture_too_large_to_read_safely_is_refused_with_one_line(
+    limit, tmp_path, capsys, monkeypatch
+):
     mt.save(mt.build_model(), tmp_path / "model.pth")
-    save_as_users_file(drawn_digit(1), tmp_path / "big.png", 4, (100, 100), (0.5, 0.5), True, "L PNG")
+    save_as_users_file(
+        drawn_digit(1), tmp_path / "big.png", 4, (100, 100), (0.5, 0.5), True, "L PNG"
+    )
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)  # as if it were a decompression bomb
-    argv = ["--predict", str(tmp_path / "big.png"), "--load", str(tmp_path / "model.pth"), "--device", "cpu"]
+    argv = [
+        "--predict",
+        str(tmp_path / "big.png"),
+        "--load",
+        str(tmp_path / "model.pth"),
+        "--device",
+        "cpu",
+    ]
     status, err = run_main_expecting_exit(argv, capsys)
     assert status == 1 and err.count("\n") == 1
-    assert err.startswith(f"error: {tmp_path / 'big.png'} is too large to read safely (more than {limit:,} pixels")
+    assert err.startswith(
+        f"error: {tmp_path / 'big.png'} is too large to read safely (more than {limit:,} pixels"
+    )
 
 
 def test_prepare_digit_drops_a_dark_frame_and_refuses_one_with_nothing_inside():
     digit = drawn_digit(3)
     picture = torch.full((1, 200, 200), 255, dtype=torch.uint8)
-    picture[0, 60:144, 60:144] = 255 - F.interpolate(digit.float()[None, None], size=(84, 84), mode="bilinear")[
-        0, 0
-    ].to(torch.uint8)
+    picture[0, 60:144, 60:144] = 255 - F.interpolate(
+        digit.float()[None, None], size=(84, 84), mode="bilinear"
+    )[0, 0].to(torch.uint8)
     framed = picture.clone()
     for band in (framed[0, :8], framed[0, -8:], framed[0, :, :8], framed[0, :, -8:]):
         band.fill_(30)  # a dark frame 8 px wide: a desk around the paper, say
-    a, b = blurred(as_unit_image(mt.prepare_digit(framed))), blurred(as_unit_image(mt.prepare_digit(picture)))
+    a, b = (
+        blurred(as_unit_image(mt.prepare_digit(framed))),
+        blurred(as_unit_image(mt.prepare_digit(picture))),
+    )
     assert (a - b).abs().mean() <= SAME_DIGIT["max_mean_difference"]
-    framed[0, 8:-8, 8:-8] = 255  # the same frame around blank paper: the frame goes as paper (a band
-    with pytest.raises(ValueError, match="no ink found"):  # along the whole side, as a ruled line), nothing is left
+    framed[0, 8:-8, 8:-8] = (
+        255  # the same frame around blank paper: the frame goes as paper (a band
+    )
+    with pytest.raises(
+        ValueError, match="no ink found"
+    ):  # along the whole side, as a ruled line), nothing is left
         mt.prepare_digit(framed)
 
 
 def test_predict_without_a_model_says_how_to_make_one(tmp_path, capsys):
-    status, err = run_main_expecting_exit(["--predict", "seven.png", "--load", str(tmp_path / "model.pth")], capsys)
+    status, err = run_main_expecting_exit(
+        ["--predict", "seven.png", "--load", str(tmp_path / "model.pth")], capsys
+    )
     assert status == 1 and err.count("\n") == 1
-    assert "model.pth: no such file: train a model first (python mnist_train.py saves model.pth)" in err
+    assert (
+        "model.pth: no such file: train a model first (python mnist_train.py saves model.pth)"
+        in err
+    )
 
 
 @needs_real_mnist
@@ -1631,7 +1960,10 @@ def test_real_mnist_digits_drawn_as_users_pictures_are_read(real_mnist_seed_0, t
     correct = {"PNG": 0, "JPEG": 0}
     for digit, label in zip(test_set.data[:500], test_set.targets[:500].tolist()):
         scale = 2 + 3 * torch.rand((), generator=g).item()
-        margins = (int(torch.randint(20, 150, (), generator=g)), int(torch.randint(20, 200, (), generator=g)))
+        margins = (
+            int(torch.randint(20, 150, (), generator=g)),
+            int(torch.randint(20, 200, (), generator=g)),
+        )
         where = tuple(torch.rand(2, generator=g).tolist())
         for codec in correct:
             path = tmp_path / f"digit.{codec.lower()}"
@@ -1649,15 +1981,26 @@ def test_real_mnist_digits_drawn_as_users_pictures_are_read(real_mnist_seed_0, t
 def test_an_adam_moment_of_another_shape_is_refused_not_a_crash(fake_mnist, tmp_path, capsys):
     mt.main(cli(tmp_path, fake_mnist, "--epochs", "1"))
     checkpoint = torch.load(tmp_path / "checkpoint.pt")
-    checkpoint["optimizer"]["state"][0]["exp_avg"] = torch.zeros(3)  # the fused step would write past it
+    checkpoint["optimizer"]["state"][0]["exp_avg"] = torch.zeros(
+        3
+    )  # the fused step would write past it
     torch.save(checkpoint, tmp_path / "checkpoint.pt")
-    status, err = run_main_expecting_exit(cli(tmp_path, fake_mnist, "--resume", "--epochs", "2"), capsys)
-    assert status == 1 and "the optimizer state for parameter 0 does not fit its shape" in err and err.count("\n") == 1
+    status, err = run_main_expecting_exit(
+        cli(tmp_path, fake_mnist, "--resume", "--epochs", "2"), capsys
+    )
+    assert (
+        status == 1
+        and "the optimizer state for parameter 0 does not fit its shape" in err
+        and err.count("\n") == 1
+    )
 
 
 def test_a_compressed_model_file_is_refused_before_it_is_inflated(tmp_path):
     mt.save(mt.build_model(), tmp_path / "model.pth")
-    with zipfile.ZipFile(tmp_path / "model.pth") as stored, zipfile.ZipFile(tmp_path / "bomb.pth", "w") as bomb:
+    with (
+        zipfile.ZipFile(tmp_path / "model.pth") as stored,
+        zipfile.ZipFile(tmp_path / "bomb.pth", "w") as bomb,
+    ):
         for entry in stored.infolist():  # the same entries, deflated: a zip bomb's shape
             bomb.writestr(entry.filename, stored.read(entry), compress_type=zipfile.ZIP_DEFLATED)
     # The memory bound: the zip's directory, nothing more. torch.load, which would inflate, never runs.
@@ -1666,10 +2009,14 @@ def test_a_compressed_model_file_is_refused_before_it_is_inflated(tmp_path):
             mt.read_torch_file(tmp_path / "bomb.pth", "cpu")
 
 
-@pytest.mark.parametrize("weights", [torch.full((10, 64), float("nan")), torch.ones(10, 64, dtype=torch.int64)])
+@pytest.mark.parametrize(
+    "weights", [torch.full((10, 64), float("nan")), torch.ones(10, 64, dtype=torch.int64)]
+)
 def test_weights_that_are_not_finite_floats_are_refused(weights, fake_mnist, tmp_path, capsys):
     torch.save({**mt.Net().state_dict(), "fc3.weight": weights}, tmp_path / "odd.pth")
-    status, err = run_main_expecting_exit(cli(tmp_path, fake_mnist, "--epochs", "0", "--load", str(tmp_path / "odd.pth")), capsys)
+    status, err = run_main_expecting_exit(
+        cli(tmp_path, fake_mnist, "--epochs", "0", "--load", str(tmp_path / "odd.pth")), capsys
+    )
     assert status == 1 and "fc3.weight is not a finite floating-point tensor" in err
 
 
@@ -1679,7 +2026,9 @@ def test_a_second_run_on_the_same_checkpoint_is_refused(fake_mnist, tmp_path, ca
         status, err = run_main_expecting_exit(cli(tmp_path, fake_mnist, "--epochs", "1"), capsys)
     finally:
         os.close(held)
-    assert status == 1 and "another run is using" in err and not os.path.exists(tmp_path / "model.pth")
+    assert (
+        status == 1 and "another run is using" in err and not os.path.exists(tmp_path / "model.pth")
+    )
     mt.main(cli(tmp_path, fake_mnist, "--epochs", "1"))  # once it has ended, the lock is free
 
 
@@ -1690,11 +2039,15 @@ def test_a_pipe_given_as_a_file_is_refused_not_waited_on(tmp_path):
         mt.read_image(tmp_path / "pipe")
 
 
-@pytest.mark.parametrize("images", [torch.zeros(5, 32, 32, dtype=torch.uint8), torch.zeros(0, 28, 28, dtype=torch.uint8)])
+@pytest.mark.parametrize(
+    "images", [torch.zeros(5, 32, 32, dtype=torch.uint8), torch.zeros(0, 28, 28, dtype=torch.uint8)]
+)
 def test_mnist_files_of_other_sizes_or_no_images_are_one_line(images, fake_mnist, tmp_path, capsys):
     raw = os.path.join(fake_mnist, "MNIST", "raw")
     write_idx(os.path.join(raw, "t10k-images-idx3-ubyte"), images)
-    write_idx(os.path.join(raw, "t10k-labels-idx1-ubyte"), torch.zeros(len(images), dtype=torch.uint8))
+    write_idx(
+        os.path.join(raw, "t10k-labels-idx1-ubyte"), torch.zeros(len(images), dtype=torch.uint8)
+    )
     status, err = run_main_expecting_exit(cli(tmp_path, fake_mnist), capsys)
     assert status == 1 and err.startswith("error: ") and err.count("\n") == 1
 
@@ -1708,26 +2061,41 @@ def test_a_closed_or_full_stdout_stops_with_the_usual_line_and_the_checkpoint_sa
     data_dir = write_fake_mnist(tmp_path / "data", n_train=300, n_test=20)
     argv = [sys.executable, "mnist_train.py", *cli(tmp_path, data_dir, "--epochs", "3")]
     # `| head -1`: the reader goes after the header; the next line (epoch 1's) finds the pipe closed.
-    job = subprocess.Popen(argv, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job = subprocess.Popen(
+        argv, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     assert job.stdout.readline().startswith("mnist_train: ")
     job.stdout.close()
     err = job.stderr.read()
     assert job.wait(timeout=60) == 1 and err.count("\n") == 1, err
     checkpoint = tmp_path / "checkpoint.pt"
-    assert err.startswith(f"error: standard output was closed: stopped; {checkpoint} holds epoch 1 of 3")
+    assert err.startswith(
+        f"error: standard output was closed: stopped; {checkpoint} holds epoch 1 of 3"
+    )
     assert torch.load(tmp_path / "checkpoint.pt")["epoch"] == 1
     if os.path.exists("/dev/full"):  # `> /dev/full`: the header cannot be written; nothing starts
         (tmp_path / "full").mkdir()
-        argv = [sys.executable, "mnist_train.py", *cli(tmp_path / "full", data_dir, "--epochs", "3")]
+        argv = [
+            sys.executable,
+            "mnist_train.py",
+            *cli(tmp_path / "full", data_dir, "--epochs", "3"),
+        ]
         with open("/dev/full", "w") as full:
-            done = subprocess.run(argv, cwd=HERE, stdout=full, stderr=subprocess.PIPE, text=True, timeout=60)
-        assert done.returncode == 1 and done.stderr == "error: standard output is full: stopped; nothing was saved\n"
+            done = subprocess.run(
+                argv, cwd=HERE, stdout=full, stderr=subprocess.PIPE, text=True, timeout=60
+            )
+        assert (
+            done.returncode == 1
+            and done.stderr == "error: standard output is full: stopped; nothing was saved\n"
+        )
 
 
 def test_sighup_is_handled_like_sigterm(tmp_path):
     data_dir = write_fake_mnist(tmp_path / "data", n_train=3000, n_test=20)
     argv = [sys.executable, "-u", "mnist_train.py", *cli(tmp_path, data_dir, "--epochs", "100")]
-    job = subprocess.Popen(argv, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job = subprocess.Popen(
+        argv, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     for line in job.stdout:
         if line.startswith("epoch  1/100"):
             job.send_signal(signal.SIGHUP)  # the terminal closed
@@ -1737,14 +2105,28 @@ def test_sighup_is_handled_like_sigterm(tmp_path):
     assert err.startswith(f"terminated by SIGHUP: {tmp_path / 'checkpoint.pt'} holds epoch ")
 
 
-@pytest.mark.parametrize("edit", [{"batch_size": 0}, {"lr": -1.0}, {"lr": "fast"}, {"optimizer": "rmsprop"},
-                                  {"epochs": 2.5}, {"seed": True}, {"epoch": -3}])  # fmt: skip
-def test_a_hand_edited_checkpoint_setting_is_refused_as_its_flag_would_be(edit, fake_mnist, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "edit",
+    [
+        {"batch_size": 0},
+        {"lr": -1.0},
+        {"lr": "fast"},
+        {"optimizer": "rmsprop"},
+        {"epochs": 2.5},
+        {"seed": True},
+        {"epoch": -3},
+    ],
+)
+def test_a_hand_edited_checkpoint_setting_is_refused_as_its_flag_would_be(
+    edit, fake_mnist, tmp_path, capsys
+):
     mt.main(cli(tmp_path, fake_mnist, "--epochs", "1"))
     checkpoint = torch.load(tmp_path / "checkpoint.pt")
     (checkpoint if "epoch" in edit else checkpoint["settings"]).update(edit)
     torch.save(checkpoint, tmp_path / "checkpoint.pt")
-    status, err = run_main_expecting_exit(cli(tmp_path, fake_mnist, "--resume", "--epochs", "3"), capsys)
+    status, err = run_main_expecting_exit(
+        cli(tmp_path, fake_mnist, "--resume", "--epochs", "3"), capsys
+    )
     assert status == 1 and "is not a checkpoint of this script" in err and err.count("\n") == 1
 
 
@@ -1752,8 +2134,14 @@ def test_an_existing_save_file_that_is_not_a_model_is_never_replaced(fake_mnist,
     (tmp_path / "notes.txt").write_text("my notes")
     argv = [*cli(tmp_path, fake_mnist, "--epochs", "1"), "--save", str(tmp_path / "notes.txt")]
     status, err = run_main_expecting_exit(argv, capsys)
-    assert status == 1 and "not overwriting it: move it away or pick another --save" in err and err.count("\n") == 1
-    assert (tmp_path / "notes.txt").read_text() == "my notes" and not os.path.exists(tmp_path / "checkpoint.pt")
+    assert (
+        status == 1
+        and "not overwriting it: move it away or pick another --save" in err
+        and err.count("\n") == 1
+    )
+    assert (tmp_path / "notes.txt").read_text() == "my notes" and not os.path.exists(
+        tmp_path / "checkpoint.pt"
+    )
     mt.main([*argv[:-1], str(tmp_path / "model.pth")])  # a model of ours is replaced, run after run
     mt.main([*argv[:-1], str(tmp_path / "model.pth")])
 
@@ -1774,24 +2162,36 @@ def test_resuming_on_another_number_of_images_is_refused(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("slip", [("MNIST",), ("MNIST", "raw")])
-def test_a_data_dir_one_folder_off_says_which_to_give_and_downloads_nothing(slip, fake_mnist, tmp_path, capsys):
+def test_a_data_dir_one_folder_off_says_which_to_give_and_downloads_nothing(
+    slip, fake_mnist, tmp_path, capsys
+):
     wrong = os.path.join(fake_mnist, *slip)
     with mock.patch("torchvision.datasets.MNIST", side_effect=AssertionError("no download")):
         status, err = run_main_expecting_exit(cli(tmp_path, wrong, "--epochs", "1"), capsys)
-    assert status == 1 and err.rstrip().endswith(f"give --data-dir {os.path.normpath(fake_mnist)}"), err
+    assert status == 1 and err.rstrip().endswith(
+        f"give --data-dir {os.path.normpath(fake_mnist)}"
+    ), err
     assert err.count("\n") == 1 and not os.path.exists(os.path.join(wrong, "MNIST"))
 
 
-def test_an_evaluation_header_names_what_is_evaluated_not_training_settings(fake_mnist, tmp_path, capsys):
+def test_an_evaluation_header_names_what_is_evaluated_not_training_settings(
+    fake_mnist, tmp_path, capsys
+):
     mt.save(mt.build_model(), tmp_path / "model.pth")
     mt.main(cli(tmp_path, fake_mnist, "--epochs", "0", "--load", str(tmp_path / "model.pth")))
     first = capsys.readouterr().out.splitlines()[0]
-    assert first.endswith(f", device cpu, evaluating {tmp_path / 'model.pth'}") and "lr" not in first
+    assert (
+        first.endswith(f", device cpu, evaluating {tmp_path / 'model.pth'}") and "lr" not in first
+    )
 
 
 def test_an_unreadable_mnist_file_says_permission_denied_not_damaged(fake_mnist, tmp_path, capsys):
     # The tests run as root, whom chmod 000 does not stop: the OS's refusal, given by hand.
-    with mock.patch("mnist_train.open", create=True, side_effect=PermissionError(errno.EACCES, "Permission denied")):
+    with mock.patch(
+        "mnist_train.open",
+        create=True,
+        side_effect=PermissionError(errno.EACCES, "Permission denied"),
+    ):
         status, err = run_main_expecting_exit(cli(tmp_path, fake_mnist), capsys)
     assert status == 1 and err.rstrip().endswith("train-images-idx3-ubyte: permission denied"), err
 
@@ -1801,23 +2201,37 @@ def test_an_unreadable_mnist_file_says_permission_denied_not_damaged(fake_mnist,
 # ---------------------------------------------------------------------------
 
 
-def test_the_test_set_is_touched_once_after_the_last_epoch(fake_mnist, tmp_path, monkeypatch, capsys):
+def test_the_test_set_is_touched_once_after_the_last_epoch(
+    fake_mnist, tmp_path, monkeypatch, capsys
+):
     events, real = [], mt.iterate_batches
 
-    def logged(x, y, batch_size, generator=None, *rest):  # training passes draw an order; evaluation's don't
+    def logged(
+        x, y, batch_size, generator=None, *rest
+    ):  # training passes draw an order; evaluation's don't
         events.append("train" if generator is not None else len(y))
         return real(x, y, batch_size, generator, *rest)
 
     monkeypatch.setattr(mt, "iterate_batches", logged)
-    metrics = mt.main(cli(tmp_path, fake_mnist, "--epochs", "3"))  # 320 training images, 32 held out; 100 test
-    assert events == ["train", 32] * 3 + [100, 100]  # each epoch validates; then the test set: evaluate, confusions
+    metrics = mt.main(
+        cli(tmp_path, fake_mnist, "--epochs", "3")
+    )  # 320 training images, 32 held out; 100 test
+    assert events == ["train", 32] * 3 + [
+        100,
+        100,
+    ]  # each epoch validates; then the test set: evaluate, confusions
     out = capsys.readouterr().out.splitlines()
     assert all(" val loss " in line and " test " not in line for line in out[1:4])
-    assert out[-1] == f"test accuracy {100 * metrics['test_accuracy']:.2f}% | model saved to {tmp_path / 'model.pth'}"
+    assert (
+        out[-1]
+        == f"test accuracy {100 * metrics['test_accuracy']:.2f}% | model saved to {tmp_path / 'model.pth'}"
+    )
     assert [entry["val_accuracy"] is not None for entry in metrics["history"]] == [True] * 3
 
 
-def test_val_size_0_trains_on_every_image_and_validates_nothing(fake_mnist, tmp_path, monkeypatch, capsys):
+def test_val_size_0_trains_on_every_image_and_validates_nothing(
+    fake_mnist, tmp_path, monkeypatch, capsys
+):
     trained_on, real = [], mt.train_epoch
 
     def counting(model, batches, *rest):
@@ -1835,14 +2249,21 @@ def test_the_split_is_a_setting_of_the_checkpoint(fake_mnist, tmp_path, capsys):
     mt.main(cli(tmp_path, fake_mnist, "--epochs", "1"))
     argv = cli(tmp_path, fake_mnist, "--resume", "--epochs", "2")
     status, err = run_main_expecting_exit([*argv, "--val-size", "64"], capsys)
-    assert status == 1 and "--val-size 64 does not match the checkpoint's 32: drop --val-size to resume" in err
+    assert (
+        status == 1
+        and "--val-size 64 does not match the checkpoint's 32: drop --val-size to resume" in err
+    )
     checkpoint = torch.load(tmp_path / "checkpoint.pt")
     del checkpoint["settings"]["val_size"]  # as written before --val-size: trained on every image
     torch.save(checkpoint, tmp_path / "checkpoint.pt")
     status, err = run_main_expecting_exit(argv, capsys)
     assert status == 1 and "--val-size 32 does not match the checkpoint's 0" in err
-    status, err = run_main_expecting_exit([*cli(tmp_path, fake_mnist, "--epochs", "1"), "--val-size", "320"], capsys)
-    assert status == 1 and "--val-size 320 leaves none of the 320 training images to train on" in err
+    status, err = run_main_expecting_exit(
+        [*cli(tmp_path, fake_mnist, "--epochs", "1"), "--val-size", "320"], capsys
+    )
+    assert (
+        status == 1 and "--val-size 320 leaves none of the 320 training images to train on" in err
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -1851,26 +2272,39 @@ def test_the_split_is_a_setting_of_the_checkpoint(fake_mnist, tmp_path, capsys):
 
 
 def ours(stderr):
-    return [line for line in stderr.splitlines() if line.startswith(("error", "terminated", "interrupted"))]
+    return [
+        line
+        for line in stderr.splitlines()
+        if line.startswith(("error", "terminated", "interrupted"))
+    ]
 
 
 @pytest.mark.parametrize("crash_at", [2, 1])  # after epoch 1's checkpoint; before any
 def test_a_worker_killed_costs_the_epoch_in_flight_not_the_job(crash_at, two_process_job, tmp_path):
     data_dir, _, _, uninterrupted = two_process_job
     argv, launcher = cli(tmp_path, data_dir, "--epochs", "2"), ("--standalone", "--max-restarts=1")
-    done, _ = torchrun(tmp_path, argv, launcher=launcher, FAIL_ON_RANK="1", FAULT="crash", CRASH_AT=str(crash_at))
+    done, _ = torchrun(
+        tmp_path, argv, launcher=launcher, FAIL_ON_RANK="1", FAULT="crash", CRASH_AT=str(crash_at)
+    )
     assert done.returncode == 0, done.stderr
     out = done.stdout.splitlines()
     headers = [line for line in out if line.startswith("mnist_train: ")]
     resumed = [line for line in out if line.startswith("resumed from ")]
-    if crash_at == 2:  # torchrun restarts both workers; they resume this job's checkpoint, and say so
+    if (
+        crash_at == 2
+    ):  # torchrun restarts both workers; they resume this job's checkpoint, and say so
         assert headers[1].endswith(", 2 processes under torchrun, restart 1")
         assert resumed == [f"resumed from {tmp_path / 'checkpoint.pt'} after epoch 1"]
     else:
-        assert headers[1].endswith(", 2 processes under torchrun, restart 1 from scratch") and not resumed
+        assert (
+            headers[1].endswith(", 2 processes under torchrun, restart 1 from scratch")
+            and not resumed
+        )
     assert {line.split()[0] for line in (tmp_path / "writes.log").read_text().splitlines()} == {"0"}
     assert not worker_tracebacks(done.stderr)
-    assert_same_state(torch.load(tmp_path / "model.pth"), uninterrupted)  # gloo on the CPU: bit for bit
+    assert_same_state(
+        torch.load(tmp_path / "model.pth"), uninterrupted
+    )  # gloo on the CPU: bit for bit
 
 
 def test_a_restart_never_resumes_a_run_the_first_attempt_refused(two_process_job, tmp_path, capsys):
@@ -1882,8 +2316,13 @@ def test_a_restart_never_resumes_a_run_the_first_attempt_refused(two_process_job
     argv = cli(tmp_path, data_dir, "--epochs", "3")
     done, _ = torchrun(tmp_path, argv, launcher=("--standalone", "--max-restarts=1"))
     assert done.returncode != 0
-    refusal = f"error: {tmp_path / 'checkpoint.pt'} holds an unfinished run (epoch 1 of 3): add --resume"
-    assert [line.startswith(refusal) for line in ours(done.stderr)] == [True, True]  # each attempt refuses it
+    refusal = (
+        f"error: {tmp_path / 'checkpoint.pt'} holds an unfinished run (epoch 1 of 3): add --resume"
+    )
+    assert [line.startswith(refusal) for line in ours(done.stderr)] == [
+        True,
+        True,
+    ]  # each attempt refuses it
     assert torch.load(tmp_path / "checkpoint.pt")["epoch"] == 1
 
 
@@ -1892,24 +2331,41 @@ def test_two_launchers_on_one_machine_run_as_one_job_of_two_processes(two_proces
     with socket.socket() as free:  # a port for the rendezvous
         free.bind(("localhost", 0))
         port = free.getsockname()[1]
-    common = ("--nnodes=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{port}", "--rdzv-id=rehearsal")
+    common = (
+        "--nnodes=2",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=localhost:{port}",
+        "--rdzv-id=rehearsal",
+    )
     argv = cli(tmp_path, data_dir, "--epochs", "2")
-    jobs = [start_torchrun(tmp_path, argv, 1, None, (*common, f"--node-rank={node}")) for node in (0, 1)]
+    jobs = [
+        start_torchrun(tmp_path, argv, 1, None, (*common, f"--node-rank={node}")) for node in (0, 1)
+    ]
     results = [job.communicate(timeout=300) for job in jobs]
     assert [job.returncode for job in jobs] == [0, 0], results
-    out = "".join(out for out, _ in results).splitlines()  # one voice: rank 0's, whichever launcher holds it
+    out = "".join(
+        out for out, _ in results
+    ).splitlines()  # one voice: rank 0's, whichever launcher holds it
     assert len(out) == 6 and out[0].endswith("2 epochs, 2 processes under torchrun"), out
-    for name, tensor in torch.load(tmp_path / "model.pth").items():  # ranks met another way: sums in another order
+    for name, tensor in torch.load(
+        tmp_path / "model.pth"
+    ).items():  # ranks met another way: sums in another order
         torch.testing.assert_close(tensor, uninterrupted[name], **TORCHRUN_TOLERANCE)
 
 
 def test_on_each_machine_one_process_downloads_mnist_while_the_others_wait(tmp_path):
-    done, _ = torchrun(tmp_path, cli(tmp_path, tmp_path / "data", "--epochs", "1"), FAULT="download")
+    done, _ = torchrun(
+        tmp_path, cli(tmp_path, tmp_path / "data", "--epochs", "1"), FAULT="download"
+    )
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "fetches.log").read_text().splitlines() == ["0"]  # local rank 0, once
-    offline, _ = torchrun(tmp_path, cli(tmp_path, tmp_path / "elsewhere", "--epochs", "1"), FAULT="offline")
+    offline, _ = torchrun(
+        tmp_path, cli(tmp_path, tmp_path / "elsewhere", "--epochs", "1"), FAULT="offline"
+    )
     assert offline.returncode != 0 and not worker_tracebacks(offline.stderr)
-    assert [line.split(" and ")[1][:25] for line in ours(offline.stderr)] == ["could not be downloaded ("]
+    assert [line.split(" and ")[1][:25] for line in ours(offline.stderr)] == [
+        "could not be downloaded ("
+    ]
 
 
 @pytest.mark.skipif(os.name != "posix", reason="FIFOs")
@@ -1917,7 +2373,11 @@ def test_on_each_machine_one_process_downloads_mnist_while_the_others_wait(tmp_p
 def test_a_folder_or_a_pipe_at_save_is_refused_and_left_alone(make, fake_mnist, tmp_path, capsys):
     make(tmp_path / "model.pth")
     status, err = run_main_expecting_exit(cli(tmp_path, fake_mnist, "--epochs", "1"), capsys)
-    assert status == 1 and err.count("\n") == 1 and "not overwriting it: move it away or pick another --save" in err
+    assert (
+        status == 1
+        and err.count("\n") == 1
+        and "not overwriting it: move it away or pick another --save" in err
+    )
     assert os.path.exists(tmp_path / "model.pth") and not os.path.isfile(tmp_path / "model.pth")
 
 
@@ -1931,15 +2391,23 @@ def prepared_on_pages(seed, scale, kind, folder, margin=60):
     """The blurred 28x28 of one drawn digit written on a clean page and on a page of `kind` (`margin`: see page)."""
     ink, g = step7_pages.ink_of(drawn_digit(seed), scale), torch.Generator().manual_seed(seed)
     prepared = []
-    for page_kind, name in (("clean", "clean.png"), (kind, "page.jpg" if kind == "shadow" else "page.png")):
-        Image.fromarray(step7_pages.page(page_kind, ink, g, margin).numpy(), "RGB").save(folder / name, quality=75)
+    for page_kind, name in (
+        ("clean", "clean.png"),
+        (kind, "page.jpg" if kind == "shadow" else "page.png"),
+    ):
+        Image.fromarray(step7_pages.page(page_kind, ink, g, margin).numpy(), "RGB").save(
+            folder / name, quality=75
+        )
         prepared.append(blurred(as_unit_image(mt.prepare_digit(mt.read_image(folder / name)))))
     return prepared
 
 
 def alike(a, b):  # the measure and tolerance of the property above
     cosine = F.cosine_similarity(a.flatten(), b.flatten(), 0)
-    return bool((a - b).abs().mean() <= SAME_DIGIT["max_mean_difference"] and cosine >= SAME_DIGIT["min_cosine"])
+    return bool(
+        (a - b).abs().mean() <= SAME_DIGIT["max_mean_difference"]
+        and cosine >= SAME_DIGIT["min_cosine"]
+    )
 
 
 @given(seed=seeds, scale=st.floats(4, 6))
@@ -1957,11 +2425,17 @@ def test_most_digits_under_a_shadow_prepare_as_on_clean_paper(tmp_path):
 def stroke_width(image):
     """The mean stroke width of ink in [0, 1], in pixels: its area over half its outline (mnist_strokes' measure)."""
     padded = F.pad(image, (1, 1, 1, 1))
-    return float(2 * image.sum() / (padded.diff(dim=0)[:, :-1] ** 2 + padded.diff(dim=1)[:-1] ** 2).sqrt().sum())
+    return float(
+        2
+        * image.sum()
+        / (padded.diff(dim=0)[:, :-1] ** 2 + padded.diff(dim=1)[:-1] ** 2).sqrt().sum()
+    )
 
 
 @given(seed=seeds, digit=st.integers(0, 9), height=st.integers(180, 260), pen=st.floats(2, 4))
-def test_a_fine_pen_digit_prepares_with_strokes_as_wide_as_mnists(seed, digit, height, pen, tmp_path):
+def test_a_fine_pen_digit_prepares_with_strokes_as_wide_as_mnists(
+    seed, digit, height, pen, tmp_path
+):
     # The same strokes drawn with a fine pen on a 640x480 page, and with a pen a tenth of the digit's height on a
     # clean page. Shrunk to 20 px the fine pen's strokes would be about 1 px wide, where 90% of MNIST's digits have
     # strokes of 1.75 px or more (measured in the training set, THINNEST_STROKE): they are grown to that.
@@ -1978,17 +2452,33 @@ def test_a_fine_pen_digit_prepares_with_strokes_as_wide_as_mnists(seed, digit, h
 def test_an_answer_the_model_is_unsure_of_says_so(tmp_path, capsys):
     # A model that cannot tell digits apart (every weight 0: each class 10%) is unsure of any picture; one that
     # answers 3 whatever it sees is sure. Only the unsure answer says that the picture is unlike MNIST's digits.
-    save_as_users_file(drawn_digit(7), tmp_path / "seven.png", 3, (40, 60), (0.3, 0.6), True, "L PNG")
-    for name, bias, unsure in (("unsure.pth", torch.zeros(10), True), ("sure.pth", 20.0 * (torch.arange(10) == 3), False)):
+    save_as_users_file(
+        drawn_digit(7), tmp_path / "seven.png", 3, (40, 60), (0.3, 0.6), True, "L PNG"
+    )
+    for name, bias, unsure in (
+        ("unsure.pth", torch.zeros(10), True),
+        ("sure.pth", 20.0 * (torch.arange(10) == 3), False),
+    ):
         model = mt.build_model()
         with torch.no_grad():
             for parameter in model.parameters():
                 parameter.zero_()
             model.fc3.bias.copy_(bias)
         mt.save(model, tmp_path / name)
-        mt.main(["--predict", str(tmp_path / "seven.png"), "--load", str(tmp_path / name), "--device", "cpu"])
+        mt.main(
+            [
+                "--predict",
+                str(tmp_path / "seven.png"),
+                "--load",
+                str(tmp_path / name),
+                "--device",
+                "cpu",
+            ]
+        )
         out = capsys.readouterr().out
-        assert out.endswith(" (unsure: unlike MNIST's digits)\n") == unsure and out.count("\n") == 1, out
+        assert (
+            out.endswith(" (unsure: unlike MNIST's digits)\n") == unsure and out.count("\n") == 1
+        ), out
 
 
 def test_strokes_in_a_shadow_come_out_as_strong_as_in_the_light(tmp_path):
@@ -2000,10 +2490,18 @@ def test_strokes_in_a_shadow_come_out_as_strong_as_in_the_light(tmp_path):
         ink, prepared = step7_pages.ink_of(drawn_digit(seed), 5), []
         columns = torch.arange(ink.shape[1] + 160.0)
         for shade in (0.0, 0.45):
-            paper = (1 - shade * torch.sigmoid((columns.mean() - columns) / 6)).expand(ink.shape[0] + 120, -1).clone()
+            paper = (
+                (1 - shade * torch.sigmoid((columns.mean() - columns) / 6))
+                .expand(ink.shape[0] + 120, -1)
+                .clone()
+            )
             paper[60 : 60 + ink.shape[0], 80 : 80 + ink.shape[1]] *= 1 - 0.95 * ink
-            Image.fromarray(paper.mul(255).round().to(torch.uint8).numpy(), "L").save(tmp_path / "page.jpg", quality=75)
-            prepared.append(blurred(as_unit_image(mt.prepare_digit(mt.read_image(tmp_path / "page.jpg")))))
+            Image.fromarray(paper.mul(255).round().to(torch.uint8).numpy(), "L").save(
+                tmp_path / "page.jpg", quality=75
+            )
+            prepared.append(
+                blurred(as_unit_image(mt.prepare_digit(mt.read_image(tmp_path / "page.jpg"))))
+            )
         differences.append(float((prepared[0] - prepared[1]).abs().mean()))
     assert torch.tensor(differences).median() <= 0.02, differences
 
@@ -2026,8 +2524,12 @@ def prepared_on_white(ink, margin, folder):
 def bold_digit(seed):
     """float [64, ~64], ink 1: like scikit-learn's digits, a digit written with a thick pen, cropped to it, averaged
     down to 8 px and scaled back up 8x. Its blurred strokes are an eighth to a quarter of the picture wide."""
-    ink = step7_pages.cropped(F.max_pool2d(drawn_digit(seed).float()[None, None] / 255, 3, stride=1, padding=1)[0, 0])
-    ink = F.adaptive_avg_pool2d(ink[None, None], [max(1, round(8 * n / max(ink.shape))) for n in ink.shape])
+    ink = step7_pages.cropped(
+        F.max_pool2d(drawn_digit(seed).float()[None, None] / 255, 3, stride=1, padding=1)[0, 0]
+    )
+    ink = F.adaptive_avg_pool2d(
+        ink[None, None], [max(1, round(8 * n / max(ink.shape))) for n in ink.shape]
+    )
     ink = F.interpolate(ink, scale_factor=8, mode="bilinear")[0, 0]
     return ink / ink.max()
 
@@ -2037,12 +2539,19 @@ def test_a_bold_digit_with_little_paper_prepares_as_with_much(margin, tmp_path):
     # Strokes wider than the opening's window (5 cells of 32) pass for paper there, as a shadow would: with paper
     # all round (6 px) or none (the strokes reach across), they must not. 18 of 20, as a few differ by the crop.
     seeds = [seed for seed in range(21) if seed != 12]  # 12, cropped tight, is refused as a frame
-    prepared = [[prepared_on_white(bold_digit(seed), m, tmp_path) for m in (margin, 60)] for seed in seeds]
+    prepared = [
+        [prepared_on_white(bold_digit(seed), m, tmp_path) for m in (margin, 60)] for seed in seeds
+    ]
     assert sum(alike(*pair) for pair in prepared) >= 18
 
 
 @pytest.mark.parametrize("kind", ["ruled", "shadow"])
-def test_a_digit_photographed_close_on_ruled_or_shaded_paper_prepares_as_on_clean_paper(kind, tmp_path):
+def test_a_digit_photographed_close_on_ruled_or_shaded_paper_prepares_as_on_clean_paper(
+    kind, tmp_path
+):
     # Only 12 px of paper above and below the digit: the tight crop's fallback (flat paper) must not take these
     # for one, or the lines and the shadow would stay as ink. As above, not every shadow (its edge may cross the digit).
-    assert sum(alike(*prepared_on_pages(seed, 5, kind, tmp_path, margin=12)) for seed in range(10)) >= 9
+    assert (
+        sum(alike(*prepared_on_pages(seed, 5, kind, tmp_path, margin=12)) for seed in range(10))
+        >= 9
+    )

@@ -32,14 +32,23 @@ import mnist_train as mt  # noqa: E402
 
 def dataloader_epochs(data_dir, batch_size, workers, device, generator):
     """An endless source of epochs: each a generator of (x, y) on `device`, from a shuffled DataLoader."""
-    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((mt.MNIST_MEAN,), (mt.MNIST_STD,))])
+    transform = transforms.Compose(
+        [transforms.ToTensor(), transforms.Normalize((mt.MNIST_MEAN,), (mt.MNIST_STD,))]
+    )
     dataset = datasets.MNIST(data_dir, train=True, download=True, transform=transform)
     loader = DataLoader(
-        dataset, batch_size=batch_size, shuffle=True, num_workers=workers, generator=generator,
-        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-    )  # fmt: skip
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        generator=generator,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+    )
     while True:
-        yield ((x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in loader)
+        yield (
+            (x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in loader
+        )
 
 
 def setup_way(make_train, device, seed, epochs, steps_per_epoch, fused=True):
@@ -58,9 +67,16 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default="./data")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--epochs", type=int, default=4, help="per way; the first is reported apart (warm-up, capture)")
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=4,
+        help="per way; the first is reported apart (warm-up, capture)",
+    )
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="for way (b)")
+    parser.add_argument(
+        "--workers", type=int, default=min(4, os.cpu_count() or 1), help="for way (b)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     device = mt.pick_device(args.device)
@@ -93,7 +109,9 @@ def main(argv=None):
 
     def graph_way(model, loss_fn, optimizer, scheduler):
         generator = torch.Generator().manual_seed(args.seed)
-        train = cuda_graph.make_graphed_train_epoch(model, loss_fn, optimizer, scheduler, x_train, y_train, bs)
+        train = cuda_graph.make_graphed_train_epoch(
+            model, loss_fn, optimizer, scheduler, x_train, y_train, bs
+        )
         return lambda: train(generator)
 
     ways = [  # (name, make_train, fused optimizer)
@@ -115,7 +133,8 @@ def main(argv=None):
     # Epochs are interleaved (one of each way in turn) so that a noisy machine slows
     # every way alike: the speed-up ratios hold even when absolute seconds drift.
     setups = [
-        setup_way(make_train, device, args.seed, args.epochs, steps_per_epoch, fused) for _, make_train, fused in ways
+        setup_way(make_train, device, args.seed, args.epochs, steps_per_epoch, fused)
+        for _, make_train, fused in ways
     ]
     seconds = [[] for _ in ways]
     for epoch in range(args.epochs):

@@ -33,33 +33,45 @@ def make_graphed_train_epoch(model, loss_fn, optimizer, scheduler, x, y, batch_s
     for group in optimizer.param_groups:
         group["capturable"], group["lr"] = True, torch.tensor(float(group["lr"]), device=x.device)
     index = torch.zeros(batch_size, dtype=torch.long, device=x.device)
-    x_batch, y_batch, loss_sum = x[:batch_size].clone(), y[:batch_size].clone(), torch.zeros((), device=x.device)
+    x_batch, y_batch, loss_sum = (
+        x[:batch_size].clone(),
+        y[:batch_size].clone(),
+        torch.zeros((), device=x.device),
+    )
 
     def step():
         torch.index_select(x, 0, index, out=x_batch)
         torch.index_select(y, 0, index, out=y_batch)
         # train_step's zero_grad() sets .grad to None, so the captured backward writes fresh
         # gradients instead of adding to old ones: the gradient reset is in the graph.
-        loss_sum.add_(mt.train_step(model, x_batch, y_batch, loss_fn, optimizer).detach() * batch_size)
+        loss_sum.add_(
+            mt.train_step(model, x_batch, y_batch, loss_fn, optimizer).detach() * batch_size
+        )
 
     run_step = make_graph_replayer(step)
 
     def train(generator):
         model.train()
         loss_sum.zero_()
-        order = torch.randperm(len(x), generator=generator).to(x.device)  # the order iterate_batches would use
+        order = torch.randperm(len(x), generator=generator).to(
+            x.device
+        )  # the order iterate_batches would use
         full = len(x) - len(x) % batch_size
         # Adam warns that capturable=True is slower outside a graph: true, and only the warm-up
         # steps and each epoch's last, smaller batch run outside it.
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="This instance was constructed with capturable=True")
+            warnings.filterwarnings(
+                "ignore", message="This instance was constructed with capturable=True"
+            )
             for start in range(0, full, batch_size):
                 index.copy_(order[start : start + batch_size])
                 run_step()
                 scheduler.step()
             if full < len(x):  # the last, smaller batch runs eagerly: same step, other shape
                 rest = order[full:]
-                loss = mt.train_step(model, x.index_select(0, rest), y.index_select(0, rest), loss_fn, optimizer)
+                loss = mt.train_step(
+                    model, x.index_select(0, rest), y.index_select(0, rest), loss_fn, optimizer
+                )
                 loss_sum.add_(loss.detach() * len(rest))
                 scheduler.step()
         return (loss_sum / len(x)).item()
