@@ -37,7 +37,6 @@ import contextlib
 import dataclasses
 import datetime
 import errno
-import fcntl
 import math
 import os
 import re
@@ -1075,34 +1074,44 @@ def parse_args(argv=None):
 
 
 def pick_device(name="auto", local_rank=0):
-    """The torch.device for `name`: auto (this machine's accelerator, CUDA or MPS, else the CPU), cpu, cuda,
-    cuda:N or mps. Never a silent fallback to the CPU: a user who asked for a GPU wants to know. Under
-    torchrun, auto and cuda mean this process's own GPU, cuda:LOCAL_RANK.
+    """The torch.device for `name`: auto (CUDA, else MPS, else the CPU), cpu, cuda, cuda:N or mps.
+
+    Never a silent fallback to the CPU: a user who asked for a GPU wants to know. Under torchrun,
+    auto and cuda mean this process's own GPU, cuda:LOCAL_RANK.
     """
-    if (
-        name == "auto"
-    ):  # check_available: a CUDA build of torch on a machine without a GPU says None
-        name = str(torch.accelerator.current_accelerator(check_available=True) or "cpu")
-    device, several = torch.device(name), dist.is_initialized()
+    # Asked the same way on every torch this file supports (torch.accelerator changed after 2.6).
+    if name == "auto" and torch.cuda.is_available():
+        name = "cuda"
+    elif name == "auto" and torch.backends.mps.is_available():
+        name = "mps"
+    elif name == "auto":
+        name = "cpu"
+    device = torch.device(name)
+    several = dist.is_initialized()
     if several and (device.type == "mps" or device.index is not None):
         raise UserError(
-            f"--device {name}: under torchrun each process takes its own GPU, cuda:LOCAL_RANK (and "
-            "torch.distributed has no backend for MPS): use --device cuda, or cpu"
+            f"--device {name}: under torchrun each process takes its own GPU, cuda:LOCAL_RANK "
+            "(and torch.distributed has no backend for MPS): use --device cuda, or cpu"
         )
-    device = torch.device("cuda", local_rank) if device.type == "cuda" and several else device
-    count = {"cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available())}.get(
-        device.type, 1
-    )
-    if (device.index or 0) >= count:
-        kind = {"cuda": "CUDA", "mps": "MPS (Apple GPU)"}[device.type]
-        why = (
-            f"{kind} is not available here (torch {torch.__version__}); use --device cpu"
-            if not count
-            else f"{device} is needed, but {count} CUDA device(s) are visible (start at most that many processes)"
-        )
+    if several and device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+    count = 1
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+    if device.type == "mps":
+        count = int(torch.backends.mps.is_available())
+    if count == 0:
+        kind = "CUDA"
+        if device.type == "mps":
+            kind = "MPS (Apple GPU)"
+        why = f"{kind} is not available here (torch {torch.__version__}); use --device cpu"
         raise UserError(f"--device {name}: {why}")
-    if device.type == "cuda" and several:
-        torch.cuda.set_device(device)  # where NCCL and DDP work for this process
+    if (device.index or 0) >= count:
+        why = f"{device} is needed, but {count} CUDA device(s) are visible"
+        raise UserError(f"--device {name}: {why} (start at most that many processes)")
+    if several and device.type == "cuda":
+        # Where NCCL and DDP work for this process.
+        torch.cuda.set_device(device)
     return device
 
 
@@ -1432,78 +1441,102 @@ def check_tensors(path, tensors):
 
 
 def hold_lock(path):
-    """Lock `path`.lock (flock: the kernel lets go when this process ends, also when killed); return the open
-    descriptor, which holds the lock until closed. Another run holding it: one line."""
+    """Lock `path`.lock for this run alone; return the open descriptor, which holds the lock until
+    closed. Another run holding it: one line."""
+    # Never through a link planted at the lock's name: O_NOFOLLOW, where the platform has it
+    # (Windows has none).
+    no_follow = getattr(os, "O_NOFOLLOW", 0)
     try:
-        handle = os.open(
-            path + ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666
-        )  # never through a planted link
-        fcntl.flock(
-            handle, fcntl.LOCK_EX | fcntl.LOCK_NB
-        )  # (refused: the descriptor stays open, a small leak)
-        return handle
-    except BlockingIOError:
-        raise UserError(
-            f"another run is using {path} (it holds {path}.lock): let it end, or give another --checkpoint"
-        )
+        handle = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | no_follow, 0o666)
     except OSError as error:
         raise UserError(f"cannot lock {path}.lock: {error.strerror}") from None
+    try:
+        lock_alone(handle)
+    # flock says BlockingIOError when another process holds the lock; msvcrt, PermissionError.
+    except (BlockingIOError, PermissionError):
+        os.close(handle)
+        raise UserError(
+            f"another run is using {path} (it holds {path}.lock): "
+            "let it end, or give another --checkpoint"
+        ) from None
+    except OSError as error:
+        os.close(handle)
+        raise UserError(f"cannot lock {path}.lock: {error.strerror}") from None
+    return handle
+
+
+def lock_alone(handle):
+    """Lock the open file `handle` for this process, without waiting: flock on Linux and macOS,
+    msvcrt.locking on Windows. Both are the OS's locks: it lets go when the process ends, also when
+    the process is killed."""
+    # Imported here: fcntl exists only on Unix, msvcrt only on Windows.
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    if fcntl is not None:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    elif sys.platform == "win32":
+        import msvcrt
+
+        # One byte from the start stands for the whole file.
+        msvcrt.locking(handle, msvcrt.LK_NBLCK, 1)
 
 
 @contextlib.contextmanager
 def reading(path, what="a saved model"):
-    """Within the block, what reading `path` raises (torch.load, load_state_dict, Pillow) is a UserError:
-    one line naming the file and what is wrong with it."""
-    if os.path.exists(path) and not (
-        os.path.isfile(path) or os.path.isdir(path)
-    ):  # a FIFO blocks, /dev/zero: endless
+    """Within the block, what reading `path` raises (torch.load, load_state_dict, Pillow, the OS)
+    is a UserError: one line naming the file and what is wrong with it."""
+    # A pipe would block, and a device such as /dev/zero never ends: only files are read.
+    special = os.path.exists(path) and not (os.path.isfile(path) or os.path.isdir(path))
+    if special:
         raise UserError(f"{path} is not a regular file (a pipe or a device?): give a file")
     try:
         yield
     except UserError:
         raise
     except Exception as error:
-        text, empty = (
-            " ".join(str(error).split()),
-            os.path.isfile(path) and os.path.getsize(path) == 0,
-        )
-        reasons = (  # the first that holds
-            (
-                isinstance(error, FileNotFoundError),
-                ": no such file"
-                if what != "a saved model"
-                else ": no such file: "
-                "train a model first (python mnist_train.py saves model.pth), or give --load PATH",
-            ),
-            (isinstance(error, IsADirectoryError), f" is a folder, not {what}"),
-            (isinstance(error, PermissionError), ": permission denied"),
-            # weights_only=True refused to unpickle code; load_state_dict names each tensor that does not fit.
-            (
-                "GLOBAL" in text,
-                " holds pickled Python objects, which could run code: refused "
-                "(only tensors and plain data load here)",
-            ),
-            (
-                text.startswith("Error(s) in loading state_dict"),
-                f" was saved from another model: {text.partition(': ')[2]}",
-            ),
-            ("dict-like" in text, " does not hold a state_dict"),
-            # Pillow refuses more than twice Image.MAX_IMAGE_PIXELS (about 89 million) and warns above it.
-            (
-                isinstance(error, (Image.DecompressionBombError, Image.DecompressionBombWarning)),
-                f" is too large to read safely (more than {Image.MAX_IMAGE_PIXELS:,} pixels, Pillow's guard against "
-                "decompression bombs): scale it down first",
-            ),
-            (
-                isinstance(error, UnidentifiedImageError),
-                " is "
-                + ("an empty file" if empty else "not an image Pillow can read")
-                + " (PNG, JPEG, BMP, GIF, TIFF and WebP work)",
-            ),
-            (what == "an image", f" is damaged or cut short ({text})"),
-            (True, " is not a PyTorch file, or it is damaged"),
-        )
-        raise UserError(f"{path}{next(why for found, why in reasons if found)}") from None
+        raise UserError(f"{path}{why_unreadable(error, path, what)}") from None
+
+
+def why_unreadable(error, path, what):
+    """What is wrong with the file at `path`, said after its name, from the `error` reading it
+    raised."""
+    text = " ".join(str(error).split())
+    if isinstance(error, FileNotFoundError) and what == "a saved model":
+        how = "python mnist_train.py saves model.pth"
+        return f": no such file: train a model first ({how}), or give --load PATH"
+    if isinstance(error, FileNotFoundError):
+        return ": no such file"
+    if isinstance(error, IsADirectoryError):
+        return f" is a folder, not {what}"
+    if isinstance(error, PermissionError):
+        return ": permission denied"
+    # weights_only=True refused to unpickle code.
+    if "GLOBAL" in text:
+        why = "only tensors and plain data load here"
+        return f" holds pickled Python objects, which could run code: refused ({why})"
+    # load_state_dict names each tensor that does not fit.
+    if text.startswith("Error(s) in loading state_dict"):
+        return f" was saved from another model: {text.partition(': ')[2]}"
+    if "dict-like" in text:
+        return " does not hold a state_dict"
+    # Pillow refuses more than twice Image.MAX_IMAGE_PIXELS (about 89 million) and warns above it.
+    if isinstance(error, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        guard = "Pillow's guard against decompression bombs"
+        limit = f"more than {Image.MAX_IMAGE_PIXELS:,} pixels, {guard}"
+        return f" is too large to read safely ({limit}): scale it down first"
+    formats = "(PNG, JPEG, BMP, GIF, TIFF and WebP work)"
+    if isinstance(error, UnidentifiedImageError) and os.path.getsize(path) == 0:
+        return f" is an empty file {formats}"
+    if isinstance(error, UnidentifiedImageError):
+        return f" is not an image Pillow can read {formats}"
+    # What the OS refused, it explains (a loop of symbolic links, a name too long): in its words.
+    if isinstance(error, OSError) and error.strerror:
+        return ": " + error.strerror.lower()
+    if what == "an image":
+        return f" is damaged or cut short ({text})"
+    return " is not a PyTorch file, or it is damaged"
 
 
 # ---------------------------------------------------------------------------
