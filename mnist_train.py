@@ -29,7 +29,8 @@ Run:
     python mnist_train.py --epochs 0 --load model.pth   # only evaluate saved weights
     python mnist_train.py --predict my_seven.png        # read your own digit
     torchrun --standalone --nproc_per_node=2 mnist_train.py   # the same run on 2 processes
-    torchrun --standalone --nproc_per_node=2 --max-restarts=3 mnist_train.py   # a lost worker costs an epoch
+    # the same, where a lost worker costs an epoch:
+    torchrun --standalone --nproc_per_node=2 --max-restarts=3 mnist_train.py
 """
 
 import argparse
@@ -64,7 +65,8 @@ MNIST_STD = 0.3081
 # Peak learning rate for each optimizer, reached after warm-up (see make_scheduler).
 # Measured on real MNIST: Adam at 3e-3 with the schedule beats Adam at a flat 1e-3.
 DEFAULT_LR = {"adam": 3e-3, "sgd": 0.05}
-WARMUP_FRACTION = 0.05  # share of all steps spent ramping the learning rate up from ~0
+# The share of all steps spent ramping the learning rate up from about 0.
+WARMUP_FRACTION = 0.05
 
 
 # ===========================================================================
@@ -113,11 +115,13 @@ def make_loss():
 
 
 def make_optimizer(model, name="adam", lr=None):
-    """Return Adam or SGD (momentum 0.9) over the model's parameters; lr defaults to DEFAULT_LR[name]."""
-    lr = DEFAULT_LR[name] if lr is None else lr
-    # fused=True: one kernel updates all parameters at once, where the default runs a loop over
-    # tensors (CPU) or a few grouped "foreach" kernels (CUDA): the same update rule, fewer launches.
-    fused = next(model.parameters()).device.type in ("cpu", "cuda")
+    """Return Adam or SGD (momentum 0.9) over the model's parameters; lr None: DEFAULT_LR[name]."""
+    if lr is None:
+        lr = DEFAULT_LR[name]
+    # fused=True: one kernel updates all parameters at once, where the default loops over the
+    # tensors (CPU) or runs a few grouped kernels (CUDA): the same update rule, fewer launches.
+    device_type = next(model.parameters()).device.type
+    fused = device_type in ("cpu", "cuda")
     if name == "adam":
         return torch.optim.Adam(model.parameters(), lr=lr, fused=fused)
     if name == "sgd":
@@ -126,17 +130,19 @@ def make_optimizer(model, name="adam", lr=None):
 
 
 def make_scheduler(optimizer, total_steps):
-    """Return a per-step schedule: linear warm-up over WARMUP_FRACTION of the steps, then cosine decay to 0.
+    """Return a per-step schedule: a linear warm-up over WARMUP_FRACTION of the steps, then a
+    cosine decay to 0.
 
     Departure from the guide (which keeps lr fixed): measured on real MNIST over seeds 0-2,
     Adam at a flat 1e-3 ends near 97.5%; a higher peak that decays to zero ends above 98%.
     """
     warmup_steps = max(1, int(WARMUP_FRACTION * total_steps))
+    decay_steps = max(1, total_steps - warmup_steps)
 
     def lr_factor(step):
         if step < warmup_steps:
             return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        progress = min(1.0, (step - warmup_steps) / decay_steps)
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
@@ -148,7 +154,7 @@ def make_scheduler(optimizer, total_steps):
 
 
 def train_step(model, x, y, loss_fn, optimizer):
-    """One step of the guide's loop on one batch; return the loss as a tensor (reading it would sync).
+    """One step of the guide's loop on one batch; return the loss as a tensor (reading it syncs).
 
     Invariant (tested): gradients left in .grad from before do not change the step.
     """
@@ -172,8 +178,10 @@ def train_epoch(model, batches, loss_fn, optimizer, scheduler=None):
     iterate_batches (in the machinery), which shuffles tensors already on the device.
     Invariant (tested): on learnable data the loss goes down.
     """
-    model.train()  # the mode matters for dropout/batch-norm layers; set it every epoch
-    loss_sum, count = 0.0, 0
+    # The mode matters for dropout and batch-norm layers: set it every epoch.
+    model.train()
+    loss_sum = 0.0
+    count = 0
     for x, y in batches:
         loss = train_step(model, x, y, loss_fn, optimizer)
         if scheduler is not None:
@@ -195,27 +203,35 @@ def train_epoch(model, batches, loss_fn, optimizer, scheduler=None):
 def evaluate(model, batches, loss_fn):
     """Return (mean loss, accuracy in [0, 1]) over all of `batches`, as Python floats.
 
-    The same function on either split: each epoch on the validation images held out of training, and once,
-    at the end, on the test set. Whatever is chosen by looking at a split (a learning rate, when to stop)
-    flatters that split's figure, so the test set is looked at only when nothing is left to choose.
+    The same function on either split: each epoch on the validation images held out of
+    training, and once, at the end, on the test set. Whatever is chosen by looking at a split
+    (a learning rate, when to stop) flatters that split's figure, so the test set is looked at
+    only when nothing is left to choose.
 
     Invariant (tested): the same for any batch size (accuracy exactly, loss to float
     rounding): we sum per sample, then divide by the number of samples. A mean of batch
     means would be wrong whenever the last batch is smaller.
     """
     model.eval()
-    loss_sum, correct, count = 0.0, 0, 0
-    with torch.no_grad():  # no graph for backward: less memory, faster
+    loss_sum = 0.0
+    correct = 0
+    count = 0
+    # No graph for backward: less memory, faster.
+    with torch.no_grad():
         for x, y in batches:
             logits = model(x)
             # loss_fn averages over the batch (make_loss's default): times len(y) is its sum.
             loss_sum = loss_sum + loss_fn(logits, y) * len(y)
-            correct = correct + (logits.argmax(1) == y).sum()  # the largest logit is the class
+            # The largest logit is the class the model predicts.
+            predicted = logits.argmax(1)
+            correct = correct + (predicted == y).sum()
             count += len(y)
     if count == 0:
         raise ValueError("evaluate got no batches")
     # Divide in Python: int / int in float64, so 9,821 of 10,000 reads exactly 0.9821.
-    return float(loss_sum) / count, int(correct) / count
+    mean_loss = float(loss_sum) / count
+    accuracy = int(correct) / count
+    return mean_loss, accuracy
 
 
 # ===========================================================================
@@ -229,49 +245,49 @@ def save(model, path):
     CPU tensors make the guide's one-liner model.load_state_dict(torch.load(path)) work
     on any machine, also for weights trained on a GPU.
     """
-    atomic_save({name: t.detach().cpu() for name, t in model.state_dict().items()}, path)
+    state = model.state_dict()
+    cpu_state = {name: t.detach().cpu() for name, t in state.items()}
+    atomic_save(cpu_state, path)
 
 
 def load(model, path):
-    """Load weights written by `save` (or a checkpoint's) into `model`, on its device; return `model`.
+    """Load weights written by `save` (or a checkpoint's) into `model`, on its device; return it.
 
     Invariant (tested): save then load reproduces the model's tensors and outputs exactly.
     """
     # map_location: tensors go straight to the model's device, so a file trained on a GPU
     # loads on a CPU-only machine too. weights_only=True: only tensors and plain data; a
     # file that would run code when unpickled is refused.
-    state = torch.load(path, map_location=next(model.parameters()).device, weights_only=True)
+    device = next(model.parameters()).device
+    state = torch.load(path, map_location=device, weights_only=True)
+    # A checkpoint (see Checkpoints, in the machinery) holds the weights under "model".
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]  # a checkpoint (see Checkpoints, in the machinery): its weights
+        state = state["model"]
     # load_state_dict checks every name and shape, and says which do not fit.
     model.load_state_dict(state)
     return model
 
 
 def atomic_save(obj, path):
-    """torch.save(obj, path) so that `path` always holds the old file or the new one, never half of one.
+    """torch.save(obj, path) so that `path` always holds the old file or the new one, never half.
 
     Departure from the guide's bare torch.save: a crash, Ctrl-C or full disk mid-write would
     leave a cut-off file. Errors are torch's and the OS's, raised as they come.
     """
-    path = os.path.realpath(path)  # through a link the user named, to the file it names
+    # Through a link the user named, to the file it names.
+    path = os.path.realpath(path)
     folder = os.path.dirname(path)
-    # 1) A new file beside the target (a rename is atomic only within one disk), under a name
-    #    mkstemp picks at random and creates itself (O_EXCL): no one can plant a link there.
-    handle, temporary = tempfile.mkstemp(
-        prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder
-    )
+    # 1) A new file beside the target (a rename is atomic only within one disk), under a random
+    #    name. O_EXCL: the file must be new, so a link planted at that name is never followed.
+    temporary = f"{path}.{os.urandom(8).hex()}.tmp"
+    # Mode 0o666, as open() asks: the OS takes the umask off, so a new file's mode is open()'s.
+    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with open(handle, "wb") as f:
-            # mkstemp's file is private (0600): give it the permissions of the file it replaces, or a
-            # new file's (the umask's, read by setting it and back). A filesystem without permissions (FAT)
-            # refuses: no matter.
-            os.umask(umask := os.umask(0o022))
+            # A file that is replaced keeps its permissions (one shared with a group stays so).
+            # No file to replace, or a filesystem without permissions (FAT): open()'s mode stays.
             with contextlib.suppress(OSError):
-                os.chmod(
-                    temporary,
-                    os.stat(path).st_mode & 0o7777 if os.path.exists(path) else 0o666 & ~umask,
-                )
+                os.chmod(temporary, os.stat(path).st_mode & 0o7777)
             # 2) Write, and flush to disk before the name points at it; 3) rename over the target.
             torch.save(obj, f)
             f.flush()
