@@ -833,7 +833,8 @@ def load_mnist(data_dir, train, device):
     int64 (device None: nothing, once the files are there).
 
     Reads torchvision's raw files itself, checked (a file from elsewhere is one line, never a
-    crash); torchvision only downloads them when they are missing.
+    crash, and a leftover processed/*.pt is never preferred); torchvision only downloads them
+    when they are missing.
     """
     raw = os.path.join(data_dir, "MNIST", "raw")
     split = "train" if train else "t10k"
@@ -884,6 +885,7 @@ def read_idx(path, ndim):
     with reading(path, "an MNIST file"), open(path, "rb") as f:
         head = f.read(4 + 4 * ndim)
         size = os.fstat(f.fileno()).st_size
+        # After the 4 magic bytes, each of the `ndim` sizes as 4 bytes, most significant first.
         dims = [int.from_bytes(head[i : i + 4], "big") for i in range(4, len(head) - 3, 4)]
         fits = head[:4] == bytes([0, 0, 8, ndim]) and len(dims) == ndim
         fits = fits and size == len(head) + math.prod(dims)
