@@ -1538,7 +1538,7 @@ def torchrun_processes(args):
         run.rank = int(os.environ["RANK"])
         run.world_size = int(os.environ["WORLD_SIZE"])
         run.local_rank = int(os.environ["LOCAL_RANK"])
-        # How often torchrun restarted this job's workers: torchrun's alone sets it.
+        # Only torchrun sets this one: how often it restarted this job's workers.
         run.restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
         # torch 2.14's torchrun keeps one store across restarts, and restarted workers can read the
         # dead ones' addresses and fail to meet (pytorch/pytorch#135712): each attempt has its keys.
@@ -1552,8 +1552,8 @@ def torchrun_processes(args):
         dist.init_process_group(
             backend, store=store, rank=run.rank, world_size=run.world_size, timeout=timeout
         )
-    # One voice: the others' prints go nowhere (print() skips a missing sys.stdout; this file only
-    # prints).
+    # One voice: the other processes' prints go nowhere (print() skips a missing sys.stdout, and
+    # this file writes to stdout only with print).
     stdout = sys.stdout if run.master_process else None
     try:
         with contextlib.redirect_stdout(stdout):
