@@ -1155,7 +1155,7 @@ def pick_device(name="auto", local_rank=0):
 
 
 class UserError(Exception):
-    """A problem the user can fix (bad file, missing data, ...); one_line_errors prints it as one line."""
+    """A problem the user can fix (a bad file, missing data): one_line_errors prints one line."""
 
 
 @dataclasses.dataclass
@@ -1180,113 +1180,111 @@ class Run:
 
 @contextlib.contextmanager
 def one_line_errors(run):
-    """Within the block, whatever ends the run early ends it with one line on stderr: a UserError, a closed or
-    full stdout (`| head -1`, `> /dev/full`) with status 1; Ctrl-C, SIGTERM (how Slurm, docker and torchrun
-    stop a process), SIGHUP (the terminal closed; Python's default says nothing) with 128 + the signal."""
+    """Within the block, whatever ends the run early ends it with one line on stderr.
+
+    A UserError, or a closed or full stdout (`| head -1`, `> /dev/full`): status 1. Ctrl-C, SIGTERM
+    (how Slurm, docker and torchrun stop a process), SIGHUP (the terminal closed; Python's default
+    says nothing): 128 + the signal.
+    """
+    # Only the main thread can take signals; Windows has no SIGHUP.
+    signals = []
+    if threading.current_thread() is threading.main_thread():
+        signals = [signal.SIGINT, signal.SIGTERM]
+        if hasattr(signal, "SIGHUP"):
+            signals.append(signal.SIGHUP)
 
     def stop(signum, frame):
-        # One is enough: later ones (under torchrun, Ctrl-C comes from the terminal and again from torchrun)
-        for sig in signals:  # are ignored, so they cannot break into the message about the first.
+        # One signal is enough: later ones (under torchrun, Ctrl-C comes from the terminal and again
+        # from torchrun) are ignored, so that they cannot break into the message about the first.
+        for sig in signals:
             signal.signal(sig, signal.SIG_IGN)
         raise KeyboardInterrupt(signum)
 
-    main_thread = threading.current_thread() is threading.main_thread()  # only it can take signals
-    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if main_thread else ()
     previous = {sig: signal.signal(sig, stop) for sig in signals}
     try:
         yield
         return
-    except (
-        KeyboardInterrupt
-    ) as stop:  # Ctrl-C (which may come before our handler is up), or SIGTERM
-        signum = stop.args[0] if stop.args else signal.SIGINT
-        how = (
-            "\ninterrupted"
-            if signum == signal.SIGINT
-            else f"terminated by {signal.Signals(signum).name}"
-        )
-        safe = (
-            resume_hint(run, "continue with")
-            if run.training
-            else "before training began: no file was changed"
-        )
-        line, status = (
-            how + (": " if run.training else " ") + safe,
-            128 + signum,
-        )  # "\n": a fresh line after ^C
+    except KeyboardInterrupt as interrupt:
+        # Python's own KeyboardInterrupt (Ctrl-C before our handler was up) carries no signal.
+        signum = signal.SIGINT
+        if interrupt.args:
+            signum = interrupt.args[0]
+        if signum == signal.SIGINT:
+            how = "\ninterrupted"  # on a fresh line after the ^C the terminal shows
+        else:
+            how = f"terminated by {signal.Signals(signum).name}"
+        if run.training:
+            hint = resume_hint(run, "continue with")
+            line = f"{how}: {hint}"
+        else:
+            line = f"{how} before training began: no file was changed"
+        status = 128 + signum
     except UserError as error:
-        line, status = f"error: {error}", 1
-    except (
-        OSError
-    ) as error:  # not a file's (reading and writing turn those into UserErrors): stdout's
+        line = f"error: {error}"
+        status = 1
+    except OSError as error:
+        # Reading and writing turn a file's OSErrors into UserErrors: this one is stdout's.
         if error.errno not in (errno.EPIPE, errno.ENOSPC):
             raise
-        os.dup2(
-            os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno()
-        )  # or Python's last flush fails again
+        # Stdout goes to /dev/null from here on, or Python's last flush fails again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         why = "was closed" if error.errno == errno.EPIPE else "is full"
-        line, status = (
-            f"error: standard output {why}: stopped; {resume_hint(run, 'continue with')}",
-            1,
-        )
+        hint = resume_hint(run, "continue with")
+        line = f"error: standard output {why}: stopped; {hint}"
+        status = 1
     except RuntimeError as error:
-        # Under torchrun, a collective found another process gone or stalled past the timeout: NCCL raises a
-        # DistError, gloo a RuntimeError ("Connection closed by peer", "reset by peer", "Timed out waiting").
-        if not (
-            dist.is_initialized()
-            and (
-                isinstance(error, dist.DistError)
-                or "by peer" in str(error)
-                or "Timed out" in str(error)
-            )
-        ):
+        # Under torchrun, a collective found another process gone or stalled past the timeout:
+        # NCCL raises a DistError, gloo a RuntimeError ("Connection closed by peer", "Timed out").
+        if not dist.is_initialized():
             raise
-        line, status = (
-            "error: another process of this job stopped or stalled (torchrun's summary names it); ",
-            1,
+        text = str(error)
+        if not (isinstance(error, dist.DistError) or "by peer" in text or "Timed out" in text):
+            raise
+        line = (
+            "error: another process of this job stopped or stalled (torchrun's summary names it); "
         )
         line += resume_hint(run, "continue with")
+        status = 1
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if run.master_process:  # one process speaks for all
+    # One process speaks for all.
+    if run.master_process:
         print(line, file=sys.stderr)
     raise SystemExit(status)
 
 
 def resume_hint(run, go_on=None):
-    """What --checkpoint holds of this run and, given `go_on`, the command that goes on from it, ready to
-    paste (after the last epoch, resuming saves the model from the checkpoint)."""
-    args, flags = run.args, ["--resume"]
+    """What --checkpoint holds of this run and, given `go_on`, the command that goes on from it,
+    ready to paste (after the last epoch, resuming saves the model from the checkpoint)."""
+    path = run.args.checkpoint
     if not run.epochs_done:
         return "nothing was saved"
-    if not os.path.exists(args.checkpoint):
-        return f"{args.checkpoint} is gone as well: nothing of this run is left"
-    script = (
-        sys.argv[0]
-        if os.path.basename(sys.argv[0]) == os.path.basename(__file__)
-        else os.path.basename(__file__)
-    )
+    if not os.path.exists(path):
+        return f"{path} is gone as well: nothing of this run is left"
+    held = f"{path} holds epoch {run.epochs_done} of {run.epochs}"
+    if not go_on:
+        return held
+    # The script as the user ran it, if that was this file (not python -c, not a test).
+    script = os.path.basename(__file__)
+    if os.path.basename(sys.argv[0]) == script:
+        script = sys.argv[0]
+    # The flags the user gave; the checkpoint holds the rest.
+    flags = ["--resume"]
     defaults = parse_args([])
-    for name in (
-        "checkpoint",
-        "data_dir",
-        "save",
-        "device",
-        "epochs",
-    ):  # those given; the checkpoint holds the rest
-        if getattr(args, name) != getattr(defaults, name):
-            flags += ["--" + name.replace("_", "-"), str(getattr(args, name))]
-    held = f"{args.checkpoint} holds epoch {run.epochs_done} of {run.epochs}"
-    # What starts the same job again: python; under torchrun on one machine, this line; on several, the user's own.
-    launcher = (
-        "python"
-        if not dist.is_initialized()
-        else f"torchrun --standalone --nproc_per_node={run.world_size}"
-        if os.environ.get("GROUP_WORLD_SIZE", "1") == "1"
-        else "torchrun [your torchrun options]"
-    )
-    return f"{held}; {go_on}: {launcher} {shlex.join([script, *flags])}" if go_on else held
+    for name in ("checkpoint", "data_dir", "save", "device", "epochs"):
+        value = getattr(run.args, name)
+        if value != getattr(defaults, name):
+            flags += ["--" + name.replace("_", "-"), str(value)]
+    # What starts the same job again: under torchrun on one machine, this line; on several, yours.
+    if not dist.is_initialized():
+        launcher = "python"
+    elif os.environ.get("GROUP_WORLD_SIZE", "1") == "1":
+        launcher = f"torchrun --standalone --nproc_per_node={run.world_size}"
+    else:
+        launcher = "torchrun [your torchrun options]"
+    command = shlex.join([script, *flags])
+    return f"{held}; {go_on}: {launcher} {command}"
 
 
 # ---------------------------------------------------------------------------
@@ -1299,35 +1297,37 @@ def save_checkpoint(path, model, optimizer, scheduler, generator, epoch, setting
 
     Only tensors, numbers, strings, lists and dicts, so torch.load(weights_only=True) reads it.
     """
-    # The optimizer's state holds Adam's moments or SGD's momentum; the scheduler's, its step count.
+    weights = {name: t.detach().cpu() for name, t in model.state_dict().items()}
     # The global RNG drew the initial weights; the generator draws each epoch's order.
-    atomic_save(
-        {
-            "model": {name: t.detach().cpu() for name, t in model.state_dict().items()},
-            "epoch": epoch,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "settings": dict(settings),
-            "rng": {"torch": torch.get_rng_state(), "shuffle": generator.get_state()},
-        },
-        path,
-    )
+    rng = {"torch": torch.get_rng_state(), "shuffle": generator.get_state()}
+    # The optimizer's state holds Adam's moments or SGD's momentum; the scheduler's, its step count.
+    checkpoint = {
+        "model": weights,
+        "epoch": epoch,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "settings": dict(settings),
+        "rng": rng,
+    }
+    atomic_save(checkpoint, path)
 
 
 def read_checkpoint(path, device):
-    """Read a checkpoint written by save_checkpoint, checking that it is one: its epoch and settings pass the
-    flags' own checks (a hand-edited batch size of 0 or learning rate of "fast" would fail mid-run)."""
+    """Read a checkpoint written by save_checkpoint, checking that it is one: its epoch and settings
+    pass the flags' own checks (a hand-edited batch size of 0 or learning rate of "fast" would fail
+    mid-run)."""
     checkpoint = read_torch_file(path, device, "a checkpoint")
-    try:  # a part missing or of another kind, or a setting its flag's own check refuses (epoch as --epochs)
+    # A part missing or of another kind, or a value its flag's check refuses (the epoch is checked
+    # as --epochs): not a checkpoint of this script.
+    try:
+        epoch = checkpoint["epoch"]
         settings = checkpoint["settings"]
         settings.setdefault("val_size", 0)  # written before --val-size: trained on all the images
-        values = [("epochs", checkpoint["epoch"])] + [
-            (key, settings[key]) for key in SETTING_CHECKS
-        ]
-        fits = {"model", "optimizer", "scheduler", "rng"} <= checkpoint.keys() and settings[
-            "optimizer"
-        ] in DEFAULT_LR
-        fits = fits and all(SETTING_CHECKS[key](str(value)) == value for key, value in values)
+        fits = {"model", "optimizer", "scheduler", "rng"} <= checkpoint.keys()
+        fits = fits and settings["optimizer"] in DEFAULT_LR
+        fits = fits and SETTING_CHECKS["epochs"](str(epoch)) == epoch
+        for key, check in SETTING_CHECKS.items():
+            fits = fits and check(str(settings[key])) == settings[key]
     except (LookupError, TypeError, AttributeError, argparse.ArgumentTypeError):
         fits = False
     if not fits:
@@ -1338,45 +1338,48 @@ def read_checkpoint(path, device):
 
 
 def load_checkpoint(checkpoint, path, model, optimizer, scheduler, generator, steps_per_epoch):
-    """Restore the state saved by save_checkpoint into a run of `steps_per_epoch`; return the epochs already done.
+    """Restore what save_checkpoint saved into a run of `steps_per_epoch`; return its epoch.
 
     Invariant (tested): on the CPU, resuming after any epoch ends bit-identical to a run
     that was never interrupted.
     """
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
     with reading(path, "a checkpoint"):
-        model.load_state_dict(checkpoint["model"])  # each weight that does not fit, named
-        # Each moment the shape of its parameter (the step count a number): the fused step would write past one
-        # of another shape, and crash the process.
+        # load_state_dict names each weight that does not fit.
+        model.load_state_dict(checkpoint["model"])
+        # Each moment has its parameter's shape, and the step count none: the fused step would
+        # write past a moment of another shape, and crash the process.
         for index, state in checkpoint["optimizer"]["state"].items():
-            check_tensors(path, {f"optimizer state {index} {name}": t for name, t in state.items()})
-            shape = [p for group in optimizer.param_groups for p in group["params"]][index].shape
-            if any(t.shape != (() if name == "step" else shape) for name, t in state.items()):
-                raise UserError(
-                    f"{path}: the optimizer state for parameter {index} does not fit its shape"
-                )
+            moments = {f"optimizer state {index} {name}": t for name, t in state.items()}
+            check_tensors(path, moments)
+            shape = parameters[index].shape
+            for name, t in state.items():
+                expected = () if name == "step" else shape
+                if t.shape != expected:
+                    raise UserError(
+                        f"{path}: the optimizer state for parameter {index} does not fit its shape"
+                    )
     try:
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
-        # The schedule is rebuilt for this run's --epochs: set the learning rate for the step we are at
-        # (the same value when --epochs is unchanged: resuming is exact). A plain float and capturable
-        # off: a run of the former --cuda-graph flag (now bench/cuda_graph.py) saved a tensor and capturable on.
+        # The schedule is rebuilt for this run's --epochs: set the learning rate for the step we are
+        # at (the same value when --epochs is unchanged: resuming is exact).
         factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
         for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
-            group["lr"] = float(base_lr) * factor
-            if "capturable" in group:  # Adam's; SGD has none
-                group["capturable"] = False
+            group["lr"] = base_lr * factor
         torch.set_rng_state(checkpoint["rng"]["torch"].cpu())
         generator.set_state(checkpoint["rng"]["shuffle"].cpu())
     except Exception as error:
         raise UserError(f"{path}: the optimizer or random state does not fit ({error})") from None
-    # The schedule counts steps: trained on another number of images, a checkpoint's steps would not fit it.
-    if scheduler.last_epoch != checkpoint["epoch"] * steps_per_epoch:
+    # The schedule counts steps: trained on another number of images, its steps would not fit.
+    epoch = checkpoint["epoch"]
+    steps = epoch * steps_per_epoch
+    if scheduler.last_epoch != steps:
         raise UserError(
-            f"{path} does not fit this data: after epoch {checkpoint['epoch']} its schedule was at "
-            f"step {scheduler.last_epoch}, here {checkpoint['epoch'] * steps_per_epoch}: resume with the "
-            "--data-dir it trained on"
+            f"{path} does not fit this data: after epoch {epoch} its schedule was at step "
+            f"{scheduler.last_epoch}, here {steps}: resume with the --data-dir it trained on"
         )
-    return checkpoint["epoch"]
+    return epoch
 
 
 # ---------------------------------------------------------------------------
@@ -1399,31 +1402,34 @@ def writing(run, path):
             error = error.__cause__ or error.__context__
         if error is None:
             raise
+        folder = os.path.dirname(os.path.abspath(path))
         reasons = {
             errno.ENOSPC: "no space left on the device",
             errno.EROFS: "the filesystem is read-only",
-            errno.ENOENT: f"the folder {os.path.dirname(os.path.abspath(path))} no longer exists",
+            errno.ENOENT: f"the folder {folder} no longer exists",
             errno.EACCES: "permission denied",
             errno.EPERM: "permission denied",
         }
-        why, hint = (
-            reasons.get(error.errno, error.strerror or error),
-            resume_hint(run, "once fixed, continue with"),
-        )
+        why = reasons.get(error.errno, error.strerror or error)
+        hint = resume_hint(run, "once fixed, continue with")
         raise UserError(f"could not write {path}: {why}; {hint}") from None
 
 
 def check_writable(path, flag, read=None):
-    """Raise UserError now, before any training, if `path` cannot be written, or if it holds something `read`
-    refuses (a file we did not write, a folder, a pipe: never replaced); return what `read` found there, or None."""
+    """Raise UserError now, before any training, if `path` cannot be written, or if it holds
+    something `read` refuses (a file we did not write, a folder, a pipe: never replaced); return
+    what `read` found there, or None."""
     folder = os.path.dirname(os.path.realpath(path))
     try:
-        tempfile.TemporaryFile(dir=folder).close()  # a file beside it, as atomic_save will make
+        # A file beside it, as atomic_save will make.
+        tempfile.TemporaryFile(dir=folder).close()
     except OSError as error:
         why = error.strerror if os.path.isdir(folder) else f"folder {folder} does not exist"
         raise UserError(f"{flag} {path} cannot be written: {why}") from None
+    if not read or not os.path.exists(path):
+        return None
     try:
-        return read(path, "cpu") if read and os.path.exists(path) else None
+        return read(path, "cpu")
     except UserError as error:
         raise UserError(
             f"{error}; not overwriting it: move it away or pick another {flag}"
@@ -1431,46 +1437,50 @@ def check_writable(path, flag, read=None):
 
 
 def read_torch_file(path, device, what="a saved model"):
-    """torch.load(path, weights_only=True) of a file checked first: a zip as torch.save writes it (since torch
-    1.6), every entry stored, not compressed, and none larger than the file. A deflated entry could inflate a
-    1 MB file to gigabytes in memory before torch checks anything (the older, non-zip format could ask for any
-    size too): so memory stays within the file's size."""
+    """torch.load(path, weights_only=True) of a file checked first: a zip as torch.save writes it
+    (since torch 1.6), every entry stored, not compressed, and none larger than the file.
+
+    A deflated entry could inflate a 1 MB file to gigabytes in memory before torch checks anything
+    (the older, non-zip format could ask for any size too): so memory stays within the file's size.
+    """
     with reading(path, what):
-        with zipfile.ZipFile(path) as archive:  # not a zip: "not a PyTorch file"
+        # Not a zip: "not a PyTorch file".
+        with zipfile.ZipFile(path) as archive:
             entries = archive.infolist()
-        if any(e.compress_type != zipfile.ZIP_STORED for e in entries) or sum(
-            e.file_size for e in entries
-        ) > os.path.getsize(path):
+        compressed = any(e.compress_type != zipfile.ZIP_STORED for e in entries)
+        unpacked_size = sum(e.file_size for e in entries)
+        if compressed or unpacked_size > os.path.getsize(path):
             raise UserError(
-                f"{path} holds compressed entries (torch.save writes none): refused, they could inflate"
+                f"{path} holds compressed entries (torch.save writes none): "
+                "refused, they could inflate"
             )
         obj = torch.load(path, map_location=device, weights_only=True)
-    check_tensors(
-        path, obj["model"] if isinstance(obj, dict) and isinstance(obj.get("model"), dict) else obj
-    )
+    # A checkpoint's weights are under "model"; a saved model is its weights.
+    weights = obj
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        weights = obj["model"]
+    check_tensors(path, weights)
     return obj
 
 
 def load_checked(model, path):
-    """The lesson's load(model, path) of a file read_torch_file checked first (a second read of 440 kB: the lesson
-    trusts its file), what either raises in one line; return `model`."""
+    """The lesson's load(model, path) of a file read_torch_file checked first (a second read of
+    440 kB: the lesson trusts its file), what either raises in one line; return `model`."""
     read_torch_file(path, "cpu")
     with reading(path):
         return load(model, path)
 
 
 def check_tensors(path, tensors):
-    """Raise UserError unless each of the named `tensors` is a finite floating-point tensor in plain memory:
-    integer weights would load converted, NaN ones answer NaN, meta or sparse ones crash, as would an optimizer
-    moment of another shape (the fused step writes past it), so the shapes are checked by the caller."""
-    for name, t in tensors.items() if isinstance(tensors, dict) else ():
-        if not (
-            torch.is_tensor(t)
-            and t.is_floating_point()
-            and t.layout == torch.strided
-            and t.device.type != "meta"
-            and bool(t.isfinite().all())
-        ):
+    """Raise UserError unless each of the named `tensors` (a dict; anything else passes) is a finite
+    floating-point tensor in plain memory: integer weights would load converted, NaN ones answer
+    NaN, meta or sparse ones crash. (An optimizer moment's shape is checked by the caller.)"""
+    if not isinstance(tensors, dict):
+        return
+    for name, t in tensors.items():
+        floating = torch.is_tensor(t) and t.is_floating_point()
+        in_memory = floating and t.layout == torch.strided and t.device.type != "meta"
+        if not in_memory or not t.isfinite().all():
             raise UserError(f"{path}: {name} is not a finite floating-point tensor: refused")
 
 
@@ -1587,30 +1597,33 @@ def why_unreadable(error, path, what):
 
 @contextlib.contextmanager
 def torchrun_processes(args):
-    """Yield this process's Run, and end it: under torchrun (it sets RANK, WORLD_SIZE, LOCAL_RANK and where
-    to meet, MASTER_ADDR), with the process group up. Without all four, one process runs alone."""
-    env, run = os.environ, Run(args)
-    if all(name in env for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")):
-        names = (
-            "RANK",
-            "WORLD_SIZE",
-            "LOCAL_RANK",
-            "TORCHELASTIC_RESTART_COUNT",
-        )  # the last: torchrun's alone
-        run = Run(args, *(int(env.get(name, 0)) for name in names))
-        # torch 2.14's torchrun keeps one store across restarts, and restarted workers can read the dead ones'
-        # addresses and fail to meet (as in pytorch/pytorch#135712): each attempt gets keys of its own.
-        store = dist.PrefixStore(f"attempt_{run.restarts}", next(dist.rendezvous("env://"))[0])
+    """Yield this process's Run, and end it: under torchrun (it sets RANK, WORLD_SIZE, LOCAL_RANK
+    and where to meet, MASTER_ADDR), with the process group up. Without all four, one process runs
+    alone."""
+    run = Run(args)
+    if all(name in os.environ for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")):
+        run.rank = int(os.environ["RANK"])
+        run.world_size = int(os.environ["WORLD_SIZE"])
+        run.local_rank = int(os.environ["LOCAL_RANK"])
+        # Only torchrun sets this one: how often it restarted this job's workers.
+        run.restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+        # torch 2.14's torchrun keeps one store across restarts, and restarted workers can read the
+        # dead ones' addresses and fail to meet (pytorch/pytorch#135712): each attempt has its keys.
+        shared_store, _, _ = next(dist.rendezvous("env://"))
+        store = dist.PrefixStore(f"attempt_{run.restarts}", shared_store)
         # NCCL moves CUDA tensors between GPUs; gloo moves CPU tensors, and needs no GPU at all.
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
-        # A collective waits this long for a stalled peer (NCCL's default 10 minutes, gloo's 30): an epoch
-        # takes seconds, and a job that cannot go on should end (or restart) soon.
+        # A collective waits this long for a stalled peer (NCCL's default 10 minutes, gloo's 30):
+        # an epoch takes seconds, and a job that cannot go on should end (or restart) soon.
         timeout = datetime.timedelta(minutes=2)
         dist.init_process_group(
             backend, store=store, rank=run.rank, world_size=run.world_size, timeout=timeout
         )
-    try:  # one voice: the others' prints go nowhere (print() skips a missing sys.stdout; this file only prints)
-        with contextlib.redirect_stdout(sys.stdout if run.master_process else None):
+    # One voice: the other processes' prints go nowhere (print() skips a missing sys.stdout, and
+    # this file writes to stdout only with print).
+    stdout = sys.stdout if run.master_process else None
+    try:
+        with contextlib.redirect_stdout(stdout):
             yield run
     finally:
         if run.lock is not None:
@@ -1621,7 +1634,7 @@ def torchrun_processes(args):
 
 @contextlib.contextmanager
 def all_start_or_none(run):
-    """Under torchrun, if preparing fails on any process all stop, and only the first that failed says why.
+    """Under torchrun, if preparing fails on any process, all stop; the first that failed says why.
 
     Otherwise a process that fails alone (its data, its GPU) leaves the others waiting for it in
     their first collective, and a failure common to all would print once per process.
@@ -1631,10 +1644,12 @@ def all_start_or_none(run):
         yield
     except UserError as error:
         failure = error
+    # Each process offers its rank if it failed, else world_size: the smallest wins.
     first_failed = torch.tensor([run.rank if failure else run.world_size])
     if dist.is_initialized():
         dist.all_reduce(first_failed, op=dist.ReduceOp.MIN)
-    if first_failed.item() < run.world_size:  # one failed: all stop, and that one says why
+    # One failed: all stop, and that one says why.
+    if first_failed.item() < run.world_size:
         if first_failed.item() == run.rank:
             print(f"error: {failure}", file=sys.stderr)
         raise SystemExit(1)
