@@ -271,12 +271,12 @@ def atomic_save(obj, path):
     path = os.path.realpath(path)
     folder = os.path.dirname(path)
     # 1) A new file beside the target (a rename is atomic only within one disk), under a random
-    #    name. O_EXCL: the file must be new, so a link planted at that name is never followed.
+    #    name, created new, so that a link planted at that name is never followed.
     temporary = f"{path}.{os.urandom(8).hex()}.tmp"
-    # Mode 0o666, as open() asks: the OS takes the umask off, so a new file's mode is open()'s.
-    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    # "x": create it, or fail if the name exists. Its mode is any new file's (the umask applies).
+    f = open(temporary, "xb")
     try:
-        with open(handle, "wb") as f:
+        with f:
             # A file that is replaced keeps its permissions (one shared with a group stays so).
             # No file to replace, or a filesystem without permissions (FAT): open()'s mode stays.
             with contextlib.suppress(OSError):
@@ -1198,6 +1198,11 @@ def one_line_errors(run):
         # from torchrun) are ignored, so that they cannot break into the message about the first.
         for sig in signals:
             signal.signal(sig, signal.SIG_IGN)
+        # torchrun may stop this process while the error of a lost peer is on its way out (torch
+        # 2.6 does): that error's line says what happened, and the signal adds nothing to it.
+        handling = sys.exc_info()[1]
+        if dist.is_initialized() and isinstance(handling, RuntimeError):
+            return
         raise KeyboardInterrupt(signum)
 
     previous = {sig: signal.signal(sig, stop) for sig in signals}
