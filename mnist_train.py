@@ -318,7 +318,8 @@ def prepare_digit(image):
     """
     # 1) Gray, white ink on black, as in MNIST.
     ink = ink_on_black(image)
-    # 2) Clean paper is the darkest level in the picture: take it away, so that paper is 0.
+    # 2) Clean paper is the picture's darkest level: take it away (MNIST's paper is 0), and with
+    #    it marks too faint to be ink.
     ink = drop_faint_marks(ink - ink.min())
     # 3) Crop to the ink, scale it to 20 px and centre it in 28x28.
     return place_like_mnist(ink)
@@ -373,10 +374,8 @@ def drop_faint_marks(ink):
 
 def place_like_mnist(ink):
     """The digit's ink [h, w] (light on 0) -> [1, 28, 28]: cropped, 20 px, centred by its mass."""
-    # 3) Crop to the ink's bounding box: where the digit sits must not matter.
-    rows = ink.any(1).nonzero()[:, 0]
-    cols = ink.any(0).nonzero()[:, 0]
-    ink = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    # 3) Crop to the ink: where the digit sits in the picture must not matter.
+    ink = crop_to_ink(ink)
     # 4) Scale the longest side to 20 px, the aspect kept (stretching to 20x20 read 88%), with
     #    anti-aliasing; then bring the strokes that shrinking grayed back to full strength.
     height, width = ink.shape
@@ -396,6 +395,13 @@ def place_like_mnist(ink):
     frame = torch.zeros(28, 28)
     frame[top : top + height, left : left + width] = ink
     return ((frame - MNIST_MEAN) / MNIST_STD).unsqueeze(0)
+
+
+def crop_to_ink(ink):
+    """`ink` [h, w] cut to the bounding box of its nonzero pixels."""
+    rows = ink.any(1).nonzero()[:, 0]
+    cols = ink.any(0).nonzero()[:, 0]
+    return ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
 
 
 def predict(model, x):
@@ -861,9 +867,7 @@ def prepare_photo(image):
     # 3) Keep the digit: drop specks (pieces under a tenth of the largest's ink) and a dark frame.
     ink = ink * digit_pieces(ink)
     # 4) Crop to the ink, and grow strokes thinner than MNIST's (measured on the crop).
-    rows = ink.any(1).nonzero()[:, 0]
-    cols = ink.any(0).nonzero()[:, 0]
-    ink = mnist_strokes(ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1])
+    ink = mnist_strokes(crop_to_ink(ink))
     # 5) Then as for a clean picture: 20 px, centred by mass in 28x28.
     return place_like_mnist(ink)
 
