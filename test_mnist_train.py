@@ -1670,6 +1670,7 @@ assert 0 <= lesson.evaluate(model, batches, loss_fn)[1] <= 1
         "ink_on_black",
         "drop_faint_marks",
         "place_like_mnist",
+        "crop_to_ink",
         "prepare_digit",
     ): """
 picture = torch.full((3, 100, 100), 200, dtype=torch.uint8)
@@ -1684,6 +1685,7 @@ assert lesson.prepare_digit(picture).shape == (1, 28, 28)
         "ink_on_black",
         "drop_faint_marks",
         "place_like_mnist",
+        "crop_to_ink",
         "PIECES_SIDE",
         "THINNEST_STROKE",
         "paper_level",
