@@ -303,37 +303,73 @@ def atomic_save(obj, path):
 # ===========================================================================
 # Step 7: use the model on your own digits (beyond the guide)
 # ===========================================================================
-# A model that scores 98% on MNIST often fails on a digit you draw or photograph, because
-# MNIST's digits were prepared in a particular way: white ink on black, the ink scaled into a
-# 20x20 box with its aspect kept, then placed in 28x28 with its centre of mass at the centre.
-# Prepare yours the same way (measured in bench/README.md: 98% read correctly, against 23% when
-# the whole picture is simply resized to 28x28). prepare_digit's longer parts follow it.
+# A model that scores 98% on MNIST often fails on a digit you draw, because MNIST's digits were
+# prepared in a particular way: white ink on black, the ink scaled into a 20x20 box with its
+# aspect kept, then placed in 28x28 with its centre of mass at the centre. Prepare yours the same
+# way: 98% read correctly, against 23% when the whole picture is resized (bench/README.md).
+# A photo of a page needs more (shadows, ruled lines, specks): prepare_photo, after main, adds it.
 
-MIN_INK = 0.1  # ink must stand out from the paper by a tenth of its brightness (25 of 255 levels on white)
-MAX_SIDE = 1024  # bigger pictures are averaged down to this first: a digit needs far fewer pixels
-PIECES_SIDE = 64  # the digit's pieces are found on a map this small (specks and strokes survive)
-# In 28x28, 90% of MNIST's training digits have strokes at least this wide (px; median 2.36; see mnist_strokes)
-THINNEST_STROKE = 1.75
+# Ink must stand out from the paper by a tenth of its brightness (25 of 255 levels on white).
+MIN_INK = 0.1
+# Bigger pictures are averaged down to this first: a digit needs far fewer pixels.
+MAX_SIDE = 1024
 
 
 def prepare_digit(image):
-    """One picture of one digit -> the model's input, prepared the way MNIST's digits were.
+    """One picture of one digit on clean paper -> the model's input, prepared as MNIST's were.
 
     `image` is uint8 [C, H, W]: gray, gray+alpha, RGB or RGBA, any size, dark ink on light
-    paper or the reverse (read_image, in the machinery, reads a file so). Returns float32
-    [1, 28, 28], normalized like the training set. A picture with no ink raises ValueError:
-    prepared anyway, a blank page would still get a confident digit.
+    paper or the reverse. Returns float32 [1, 28, 28], normalized like the training set. A
+    picture with no ink raises ValueError: prepared anyway, it would still get a confident digit.
     Invariants (tested): a digit scaled, moved, inverted, saved as PNG or JPEG and read back
     prepares to nearly the same 28x28 as the original; its ink fits in 20x20, and its centre
     of mass lies within a pixel of (14, 14) unless that would push ink out of the frame.
     """
-    # 1) Gray, white ink on black as in MNIST: colour says nothing about a digit, a transparent pixel
-    #    is paper whatever colour it stores, and which side is the paper is decided from the picture.
+    # 1) Gray, white ink on black, as in MNIST.
     ink = ink_on_black(image)
-    # 2) Take away the paper: its level under each pixel, so gray paper, shadows and ruled lines don't read as ink;
-    #    then divide by its brightness (at most 5x), since a shadow dims the ink's contrast as much as the paper.
-    level = paper_level(ink)
-    ink = (ink - level) / (1 - level).clamp(min=0.2)
+    # 2) Clean paper is the picture's darkest level: take it away (MNIST's paper is 0), and with
+    #    it marks too faint to be ink.
+    ink = drop_faint_marks(ink - ink.min())
+    # 3) Crop to the ink, scale it to 20 px and centre it in 28x28.
+    return place_like_mnist(ink)
+
+
+def ink_on_black(image):
+    """uint8 [C, H, W] -> float [h, w] in [0, 1], at most MAX_SIDE a side: gray, ink light."""
+    channels, height, width = image.shape
+    # Average big pictures down first, one channel at a time: a 6000x6000 RGBA picture as one
+    # float tensor would take 576 MB.
+    shrink = math.ceil(max(height, width) / MAX_SIDE)
+    planes = [F.avg_pool2d(plane[None].float(), shrink, ceil_mode=True)[0] / 255 for plane in image]
+    gray = planes[0]
+    # Colour says nothing about a digit. Luma weights (ITU-R 601, Pillow's too): green looks
+    # brightest to the eye, blue darkest.
+    if channels >= 3:
+        gray = 0.299 * planes[0] + 0.587 * planes[1] + 0.114 * planes[2]
+    # The last channel of gray+alpha and of RGBA is alpha: a transparent pixel is paper, so
+    # show the picture over white paper.
+    if channels in (2, 4):
+        alpha = planes[-1]
+        on_white = alpha * gray + (1 - alpha)
+        # Ink drawn in white that exists only in alpha vanishes over white: then alpha is the ink.
+        gray = on_white if on_white.max() - on_white.min() >= MIN_INK else 1 - alpha
+    darkest = gray.min()
+    contrast = (gray.max() - darkest).clamp(min=1e-6)
+    # Paper covers most of a picture, so the median pixel is paper: near the light end for dark
+    # ink on light paper (a dark frame around it doesn't change that).
+    level = (gray.median() - darkest) / contrast
+    # Ink covering about half of the picture is a tight crop of a bold digit: its border is paper.
+    if 0.25 < level < 0.75:
+        border = torch.cat([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+        level = (border.median() - darkest) / contrast
+    return 1 - gray if level > 0.5 else gray
+
+
+def drop_faint_marks(ink):
+    """`ink` above the paper (paper 0) -> the digit's ink in [0, 1], its strongest mark 1.
+
+    Raises ValueError when no mark stands out from the paper by MIN_INK.
+    """
     strongest = max(0.0, float(ink.max()))
     if strongest < MIN_INK:
         raise ValueError(
@@ -341,153 +377,40 @@ def prepare_digit(image):
         )
     # Marks under 15% of the strongest are paper grain or JPEG ringing; the rest ramps up from
     # 0 (MNIST's paper is exactly 0), so that anti-aliased edges stay soft.
-    ink = ((ink - 0.15 * strongest) / (0.85 * strongest)).clamp(0, 1)
-    # 3) Keep the digit: drop specks (pieces under a tenth of the largest's ink) and a dark frame.
-    ink = ink * digit_pieces(ink)
-    # 4) Crop to the ink's bounding box (where the digit sits must not matter); strokes as thick as MNIST's.
-    rows, cols = ink.any(1).nonzero()[:, 0], ink.any(0).nonzero()[:, 0]
-    ink = mnist_strokes(ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1])
-    # 5) Scale the longest side to 20 px, the aspect kept (stretching to 20x20 read 88%), with
+    ramp = (ink - 0.15 * strongest) / (0.85 * strongest)
+    return ramp.clamp(0, 1)
+
+
+def place_like_mnist(ink):
+    """The digit's ink [h, w] (light on 0) -> [1, 28, 28]: cropped, 20 px, centred by its mass."""
+    # 3) Crop to the ink: where the digit sits in the picture must not matter.
+    ink = crop_to_ink(ink)
+    # 4) Scale the longest side to 20 px, the aspect kept (stretching to 20x20 read 88%), with
     #    anti-aliasing; then bring the strokes that shrinking grayed back to full strength.
     height, width = ink.shape
-    size = (
-        max(1, round(20 * height / max(height, width))),
-        max(1, round(20 * width / max(height, width))),
-    )
-    ink = F.interpolate(ink[None, None], size=size, mode="bilinear", antialias=True)[0, 0].clamp(
-        0, 1
-    )
+    longest = max(height, width)
+    size = (max(1, round(20 * height / longest)), max(1, round(20 * width / longest)))
+    ink = F.interpolate(ink[None, None], size=size, mode="bilinear", antialias=True)[0, 0]
+    ink = ink.clamp(0, 1)
     ink = ink / ink.max()
-    # 6) Paste into 28x28 with the centre of mass at pixel (14, 14), as MNIST did (measured on
+    # 5) Paste into 28x28 with the centre of mass at pixel (14, 14), as MNIST did (measured on
     #    its training digits: row 13.996, column 14.007); centring the box instead read 89%.
     height, width = ink.shape
     row = float((ink.sum(1) * torch.arange(height)).sum() / ink.sum())
     col = float((ink.sum(0) * torch.arange(width)).sum() / ink.sum())
-    top = min(max(round(14 - row), 0), 28 - height)  # whole pixels; never past the frame's edge
+    # Whole pixels, and never past the frame's edge.
+    top = min(max(round(14 - row), 0), 28 - height)
     left = min(max(round(14 - col), 0), 28 - width)
     frame = torch.zeros(28, 28)
     frame[top : top + height, left : left + width] = ink
     return ((frame - MNIST_MEAN) / MNIST_STD).unsqueeze(0)
 
 
-def ink_on_black(image):
-    """uint8 [C, H, W] -> float [h, w] in [0, 1], at most MAX_SIDE a side: gray, transparent parts paper, ink light."""
-    channels, height, width = image.shape
-    # Average big pictures down first, one channel at a time: a 6000x6000 RGBA picture as one
-    # float tensor would take 576 MB.
-    shrink = math.ceil(max(height, width) / MAX_SIDE)
-    planes = [
-        F.avg_pool2d(image[c][None].float(), shrink, ceil_mode=True)[0] / 255
-        for c in range(channels)
-    ]
-    # Luma weights (ITU-R 601, Pillow's too): green looks brightest to the eye, blue darkest.
-    gray = 0.299 * planes[0] + 0.587 * planes[1] + 0.114 * planes[2] if channels >= 3 else planes[0]
-    if channels in (2, 4):  # the last channel is alpha: show the picture over white paper
-        alpha = planes[-1]
-        on_white = alpha * gray + (1 - alpha)
-        # Ink that exists only in alpha, drawn in white: over white it vanishes; alpha is the ink.
-        gray = on_white if on_white.max() - on_white.min() >= MIN_INK else 1 - alpha
-    darkest, lightest = gray.min(), gray.max()
-    # Paper covers most of a picture, so the median pixel is paper: near the light end for
-    # dark ink on light paper (a dark frame around it doesn't change that).
-    level = (gray.median() - darkest) / (lightest - darkest).clamp(min=1e-6)
-    if (
-        0.25 < level < 0.75
-    ):  # ink covers about half: a tight crop of a bold digit; its border is paper
-        border = torch.cat([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-        level = (border.median() - darkest) / (lightest - darkest).clamp(min=1e-6)
-    return 1 - gray if level > 0.5 else gray
-
-
-def paper_level(ink):
-    """The level of the paper under each pixel of `ink` (ink bright, paper dark): its surface under light and
-    shadow, plus the ruled lines and margin printed across it."""
-    # The darkest pixel of each of 32x32 cells; then an opening (the darkest within n cells around, then the
-    # brightest of those): a shape narrower than n cells goes (at 5, a stroke); a wider one, a shadow's edge, stays.
-    cells = -F.adaptive_max_pool2d(-ink[None, None], 32)
-    paper, wide = (
-        F.max_pool2d(-F.max_pool2d(-cells, n, 1, n // 2), n, 1, n // 2)[0, 0] for n in (5, 19)
-    )
-    level = F.interpolate(paper[None, None], size=ink.shape, mode="bilinear")[0, 0]
-    # Strokes wider than 5 cells (a bold digit with little paper around it) stay too. A shadow comes in from the
-    # picture's edge and is wide; so where this paper rises inside 30% of the ink's strength above all of the edge's,
-    # or, in a digit cropped tight (strong ink reaching across it), 60% in shapes narrower than 19 cells, it is
-    # strokes: then the paper is flat, its darkest.
-    strength, flat = ink.max() - paper.min(), torch.full_like(ink, float(paper.min()))
-    strong = ink > paper.min() + strength / 2
-    across = (strong[0].any() and strong[-1].any()) or (strong[:, 0].any() and strong[:, -1].any())
-    if across and (paper - wide).max() > 0.6 * strength:
-        return flat  # cropped tight: no ruled lines to take out, and the digit's bars run across it
-    if (
-        paper.max() - torch.cat([paper[0], paper[-1], paper[:, 0], paper[:, -1]]).max()
-        > 0.3 * strength
-    ):
-        level = flat
-    # Ruled lines and a margin run across the page: a row or column inked along 90% of its length is paper
-    # there (a stroke that crosses the line is darker than the line, and survives).
-    rest = ink - level
-    lines = rest.quantile(0.1, dim=1, keepdim=True).clamp(min=0) + rest.quantile(
-        0.1, dim=0, keepdim=True
-    ).clamp(min=0)
-    return level + lines
-
-
-def digit_pieces(ink):
-    """A 0/1 mask of the ink pieces that belong to the digit: every piece with at least a
-    tenth of the largest piece's ink, except a dark frame (a piece along 90% of a side)."""
-    shrink = math.ceil(max(ink.shape) / PIECES_SIDE)  # a small map: the labelling below is quick
-    mask = F.max_pool2d(ink[None, None], shrink, ceil_mode=True)[0, 0] > 0
-    weight = F.avg_pool2d(ink[None, None], shrink, ceil_mode=True)[0, 0]
-    # Connected pieces: every ink pixel starts with its own number, and each takes its
-    # largest neighbour's until nothing changes: a piece ends up with one number.
-    labels = torch.arange(1, mask.numel() + 1, dtype=torch.float32).view(mask.shape) * mask
-    while True:
-        spread = F.max_pool2d(labels[None, None], 3, stride=1, padding=1)[0, 0] * mask
-        if torch.equal(spread, labels):
-            break
-        labels = spread
-    labels = labels.long()
-    mass = torch.zeros(mask.numel() + 1).index_add_(0, labels.flatten(), weight.flatten())
-    mass[0] = 0  # the paper
-    sides = (labels[0], labels[-1], labels[:, 0], labels[:, -1])
-    frame = list(
-        {
-            n
-            for side in sides
-            for n in side.unique().tolist()
-            if n and (side == n).float().mean() >= 0.9
-        }
-    )
-    if mass.sum() > mass[frame].sum():  # drop the frame, unless it is all the ink there is
-        mass[frame] = 0
-    elif frame and sum(bool((side > 0).all()) for side in sides) >= 3:  # a frame, and nothing apart
-        raise ValueError(
-            "no digit found apart from the dark frame around the picture: crop the frame off"
-        )
-    keep = mass >= 0.1 * mass.max()
-    keep[0] = False
-    pieces = keep[labels].float()
-    return pieces.repeat_interleave(shrink, 0).repeat_interleave(shrink, 1)[
-        : ink.shape[0], : ink.shape[1]
-    ]
-
-
-def mnist_strokes(ink):
-    """`ink`, cropped to the digit, with thin strokes grown so that at 20 px none is thinner than THINNEST_STROKE."""
-    # A stroke's width: its area over half its outline (w wide and L long: w*L over L + w, about w). The outline is
-    # the gradient's length summed: for soft ink, its edge's length averaged over every level (the coarea formula).
-    padded = F.pad(ink, (1, 1, 1, 1))  # paper all round: an edge at the crop's border counts too
-    outline = (padded.diff(dim=0)[:, :-1] ** 2 + padded.diff(dim=1)[:-1] ** 2).sqrt().sum()
-    width, side = float(2 * ink.sum() / outline), max(ink.shape)
-    # Grow each side of every stroke by k px: (width + 2k) * 20 / (side + 2k) = THINNEST_STROKE. Thick strokes stay:
-    # thinning them read no more digits (bench/step7_pages.py).
-    k = round((THINNEST_STROKE * side - 20 * width) / (40 - 2 * THINNEST_STROKE))
-    if k <= 0:
-        return ink
-    # The brightest within k px, along columns then along rows (a square's maximum in two cheap passes), on a
-    # crop grown by k px a side: paper around it, 2k px, as each pass takes k off.
-    ink = F.max_pool2d(F.pad(ink, (2 * k,) * 4)[None, None], (2 * k + 1, 1), stride=1)
-    return F.max_pool2d(ink, (1, 2 * k + 1), stride=1)[0, 0]
+def crop_to_ink(ink):
+    """`ink` [h, w] cut to the bounding box of its nonzero pixels."""
+    rows = ink.any(1).nonzero()[:, 0]
+    cols = ink.any(0).nonzero()[:, 0]
+    return ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
 
 
 def predict(model, x):
@@ -502,19 +425,21 @@ def predict(model, x):
 
 
 def confusion_matrix(model, batches, num_classes=10):
-    """Counts [num_classes, num_classes] over all (x, y) in `batches`: rows the true class, columns the predicted.
+    """Counts [num_classes, num_classes] over all (x, y) in `batches`: rows the true class,
+    columns the predicted.
 
     Invariant (tested): it sums to the number of samples, each row to that class's count, and
     its diagonal over that number is evaluate's accuracy, exactly, for any batch size.
     """
     model.eval()
-    counts = torch.zeros(
-        num_classes * num_classes, dtype=torch.long, device=next(model.parameters()).device
-    )
+    device = next(model.parameters()).device
+    counts = torch.zeros(num_classes * num_classes, dtype=torch.long, device=device)
     with torch.no_grad():
         for x, y in batches:
-            # Each (true, predicted) pair as one number, true * num_classes + predicted: counted at once.
-            counts += torch.bincount(y * num_classes + model(x).argmax(1), minlength=num_classes**2)
+            # Each (true, predicted) pair as one number, true * num_classes + predicted: all
+            # pairs are then counted by one bincount.
+            pairs = y * num_classes + model(x).argmax(1)
+            counts += torch.bincount(pairs, minlength=num_classes**2)
     return counts.view(num_classes, num_classes)
 
 
@@ -936,7 +861,7 @@ def iterate_batches(x, y, batch_size, generator=None, rank=0, world_size=1):
 
 
 # ---------------------------------------------------------------------------
-# Your own images: reading a file, and --predict
+# Your own images: reading a file, cleaning a photo, and --predict
 # ---------------------------------------------------------------------------
 
 
@@ -947,30 +872,156 @@ def read_image(path):
     damaged, or too large (Pillow's guard against decompression bombs).
     """
     with reading(path, "an image"), warnings.catch_warnings():
-        warnings.simplefilter(
-            "error", Image.DecompressionBombWarning
-        )  # Pillow only warns up to twice its limit
+        # Pillow only warns up to twice its limit: refuse that too.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as picture:
-            picture = ImageOps.exif_transpose(
-                picture
-            )  # a phone stores how it was held: turn it upright
-            if picture.mode.startswith(
-                "I"
-            ):  # 16-bit gray: convert("L") would clip it, not scale it
+            # A phone stores how it was held: turn the picture upright.
+            picture = ImageOps.exif_transpose(picture)
+            # 16-bit gray: convert("L") would clip it, not scale it.
+            if picture.mode.startswith("I"):
                 picture = picture.convert("F").point(lambda value: value / 257)
-            alpha = (
-                picture.mode in ("LA", "La", "PA", "RGBA", "RGBa") or "transparency" in picture.info
-            )
-            gray = picture.mode in ("1", "L", "LA", "La", "F")
-            picture = picture.convert(
-                ("LA" if alpha else "L") if gray else ("RGBA" if alpha else "RGB")
-            )
+            mode = "L" if picture.mode in ("1", "L", "LA", "La", "F") else "RGB"
+            if picture.mode in ("LA", "La", "PA", "RGBA", "RGBa") or "transparency" in picture.info:
+                mode += "A"
+            picture = picture.convert(mode)
             pixels = torch.frombuffer(bytearray(picture.tobytes()), dtype=torch.uint8)
     return pixels.view(picture.height, picture.width, -1).permute(2, 0, 1)
 
 
-# Below this top probability an answer says it is unsure. With the seed-0 model, on bench/step7_pages.py's 4,000
-# pages it marked 21 of the 51 misread and 48 of the 3,949 read right; on MNIST's test set 1.6% of the digits.
+# The digit's pieces are found on a map this small (specks and strokes survive).
+PIECES_SIDE = 64
+# In 28x28, 90% of MNIST's training digits have strokes at least this wide (px; median 2.36).
+THINNEST_STROKE = 1.75
+
+
+def prepare_photo(image):
+    """A photo of one digit on a page -> the model's input: prepare_digit's steps, with the page
+    cleaned first (its level under shadows, ruled lines and margins; specks, a dark frame; strokes
+    thinner than MNIST's). Raises ValueError for a page with no ink, or only a dark frame.
+
+    Invariants (tested): a digit on a ruled page, under a shadow, in a fine pen or cropped tight
+    prepares like the same digit on clean paper.
+    """
+    # 1) Gray, white ink on black, as for a clean picture.
+    ink = ink_on_black(image)
+    # 2) Take away the paper's level under each pixel, then divide by its brightness (at most
+    #    5x): a shadow dims the ink's contrast as much as the paper.
+    level = paper_level(ink)
+    ink = drop_faint_marks((ink - level) / (1 - level).clamp(min=0.2))
+    # 3) Keep the digit: drop specks (pieces under a tenth of the largest's ink) and a dark frame.
+    ink = ink * digit_pieces(ink)
+    # 4) Crop to the ink, and grow strokes thinner than MNIST's (measured on the crop).
+    ink = mnist_strokes(crop_to_ink(ink))
+    # 5) Then as for a clean picture: 20 px, centred by mass in 28x28.
+    return place_like_mnist(ink)
+
+
+def paper_level(ink):
+    """The level of the paper under each pixel of `ink` (ink bright, paper dark): its surface
+    under light and shadow, plus the ruled lines and margin printed across it."""
+    # The darkest pixel of each of 32x32 cells, then openings: a shape narrower than 5 cells
+    # goes from `paper` (a stroke), a wider one stays (a shadow's edge); `wide` keeps only wider
+    # than 19.
+    cells = -F.adaptive_max_pool2d(-ink[None, None], 32)
+    paper = opening(cells, 5)
+    wide = opening(cells, 19)
+    darkest = paper.min()
+    strength = ink.max() - darkest
+    flat = torch.full_like(ink, float(darkest))
+    # A bold digit cropped tight has strokes wider than 5 cells, and its strong ink reaches across
+    # the picture. If paper rises 60% of the ink's strength in shapes narrower than 19 cells, those
+    # are its bars: the paper is flat, and there are no ruled lines to take out.
+    strong = ink > darkest + strength / 2
+    top_to_bottom = strong[0].any() and strong[-1].any()
+    side_to_side = strong[:, 0].any() and strong[:, -1].any()
+    if (top_to_bottom or side_to_side) and (paper - wide).max() > 0.6 * strength:
+        return flat
+    level = F.interpolate(paper[None, None], size=ink.shape, mode="bilinear")[0, 0]
+    # A shadow comes in from the picture's edge. Paper that rises inside by 30% of the ink's
+    # strength above all of the edge's is bold strokes: then the paper is flat.
+    edge = torch.cat([paper[0], paper[-1], paper[:, 0], paper[:, -1]])
+    if paper.max() - edge.max() > 0.3 * strength:
+        level = flat
+    # Ruled lines and a margin run across the page: a row or column inked along 90% of its
+    # length is paper there (a stroke that crosses a line is darker, and survives).
+    rest = ink - level
+    rows = rest.quantile(0.1, dim=1, keepdim=True).clamp(min=0)
+    cols = rest.quantile(0.1, dim=0, keepdim=True).clamp(min=0)
+    return level + (rows + cols)
+
+
+def opening(cells, n):
+    """A gray opening of `cells` [1, 1, H, W] over n x n windows -> [H, W]: the darkest in each
+    window, then the brightest of those. A bright shape narrower than n goes; a wider one stays."""
+    darkest = -F.max_pool2d(-cells, n, 1, n // 2)
+    return F.max_pool2d(darkest, n, 1, n // 2)[0, 0]
+
+
+def digit_pieces(ink):
+    """A 0/1 mask of the ink pieces that belong to the digit: every piece with at least a
+    tenth of the largest piece's ink, except a dark frame (a piece along 90% of a side)."""
+    # The pieces are found on a small map, where labelling them is quick.
+    shrink = math.ceil(max(ink.shape) / PIECES_SIDE)
+    mask = F.max_pool2d(ink[None, None], shrink, ceil_mode=True)[0, 0] > 0
+    weight = F.avg_pool2d(ink[None, None], shrink, ceil_mode=True)[0, 0]
+    # Torch has no connected-components labelling, so: every ink pixel starts with a number of
+    # its own and takes the largest around it (a 3x3 max-pool) until none changes.
+    labels = torch.arange(1.0, mask.numel() + 1).view(mask.shape) * mask
+    while True:
+        spread = F.max_pool2d(labels[None, None], 3, stride=1, padding=1)[0, 0] * mask
+        if torch.equal(spread, labels):
+            break
+        labels = spread
+    labels = labels.long()
+    # Each piece's ink, by its number (0, the paper, has none: `ink` is 0 there).
+    mass = torch.zeros(mask.numel() + 1).index_add_(0, labels.flatten(), weight.flatten())
+    # A dark frame is a piece along 90% of a side: the side's most common number.
+    sides = [labels[0], labels[-1], labels[:, 0], labels[:, -1]]
+    frame = []
+    for side in sides:
+        common = int(side.mode().values)
+        if common > 0 and common not in frame and (side == common).float().mean() >= 0.9:
+            frame.append(common)
+    # Drop the frame, unless it is all the ink there is: then, closed on 3 sides, refuse it.
+    if mass.sum() > mass[frame].sum():
+        mass[frame] = 0
+    elif frame and sum(bool((side > 0).all()) for side in sides) >= 3:
+        raise ValueError(
+            "no digit found apart from the dark frame around the picture: crop the frame off"
+        )
+    # Paper is never kept: some piece has ink, so 0 is under a tenth of the largest.
+    keep = mass >= 0.1 * mass.max()
+    pieces = keep[labels].float()
+    pieces = pieces.repeat_interleave(shrink, 0).repeat_interleave(shrink, 1)
+    return pieces[: ink.shape[0], : ink.shape[1]]
+
+
+def mnist_strokes(ink):
+    """`ink`, cropped to the digit, with thin strokes grown so that at 20 px none is thinner
+    than THINNEST_STROKE."""
+    # A stroke w wide and L long has area w*L and half its outline is L + w: their ratio is
+    # about w. Soft ink's outline is its gradient's length summed (the coarea formula).
+    padded = F.pad(ink, (1, 1, 1, 1))  # an edge at the crop's border counts too
+    down = padded.diff(dim=0)[:, :-1]
+    across = padded.diff(dim=1)[:-1]
+    outline = (down**2 + across**2).sqrt().sum()
+    width = float(2 * ink.sum() / outline)
+    side = max(ink.shape)
+    # Grow each side of every stroke by k px: (width + 2k) * 20 / (side + 2k) = THINNEST_STROKE.
+    # Thick strokes stay: thinning them read no more digits (bench/step7_pages.py).
+    k = round((THINNEST_STROKE * side - 20 * width) / (40 - 2 * THINNEST_STROKE))
+    if k <= 0:
+        return ink
+    # The brightest within k px, along columns then rows (a square's maximum in two cheap
+    # passes), on 2k px of paper around the crop: each pass takes 2k px off.
+    grown = F.pad(ink, (2 * k,) * 4)[None, None]
+    grown = F.max_pool2d(grown, (2 * k + 1, 1), stride=1)
+    grown = F.max_pool2d(grown, (1, 2 * k + 1), stride=1)
+    return grown[0, 0]
+
+
+# Below this top probability an answer says it is unsure. With the seed-0 model it marked 21 of
+# the 51 misread of bench/step7_pages.py's 4,000 pages and 48 of the 3,949 read right.
 UNSURE_BELOW = 0.7
 
 
@@ -980,29 +1031,26 @@ def predict_files(args):
     A file that can't be used gets one line on stderr naming it and why, and the others are
     still answered; the exit status is then 1. Returns [(path, probabilities)] of those read.
     """
-    path, device, answers = args.load or "model.pth", pick_device(args.device), []
-    model = load_checked(build_model(device), path)
-    for image_path in args.predict:
+    device = pick_device(args.device)
+    model = load_checked(build_model(device), args.load or "model.pth")
+    answers = []
+    for path in args.predict:
         try:
-            x = prepare_digit(read_image(image_path))
-        except (
-            UserError,
-            ValueError,
-        ) as error:  # read_image's errors name the file; prepare_digit's do not
-            print(
-                f"error: {error if isinstance(error, UserError) else f'{image_path}: {error}'}",
-                file=sys.stderr,
-            )
+            x = prepare_photo(read_image(path))
+        except UserError as error:
+            # read_image's errors name the file already.
+            print(f"error: {error}", file=sys.stderr)
             continue
-        probabilities = predict(model, x.unsqueeze(0).to(device))[0].cpu()
-        top = [
-            f"{digit} ({100 * chance:.1f}%)"
-            for chance, digit in zip(*[t.tolist() for t in probabilities.topk(3)])
-        ]
-        # Even prepared, the picture may not look like MNIST's digits to the model: then say so, not just a number.
+        except ValueError as error:
+            print(f"error: {path}: {error}", file=sys.stderr)
+            continue
+        probabilities = predict(model, x[None].to(device))[0].cpu()
+        chances, digits = probabilities.topk(3)
+        top = [f"{d} ({100 * c:.1f}%)" for c, d in zip(chances.tolist(), digits.tolist())]
+        # Even prepared, a picture may not look like MNIST's digits to the model: say so.
         unsure = " (unsure: unlike MNIST's digits)" if probabilities.max() < UNSURE_BELOW else ""
-        print(f"{image_path}: {top[0]}, then {top[1]}, {top[2]}{unsure}", flush=True)
-        answers.append((image_path, probabilities))
+        print(f"{path}: {top[0]}, then {top[1]}, {top[2]}{unsure}", flush=True)
+        answers.append((path, probabilities))
     if len(answers) < len(args.predict):
         raise SystemExit(1)
     return answers

@@ -1667,17 +1667,37 @@ assert 0 <= lesson.evaluate(model, batches, loss_fn)[1] <= 1
         "MNIST_STD",
         "MIN_INK",
         "MAX_SIDE",
-        "PIECES_SIDE",
-        "THINNEST_STROKE",
-        "prepare_digit",
         "ink_on_black",
-        "paper_level",
-        "digit_pieces",
-        "mnist_strokes",
+        "drop_faint_marks",
+        "place_like_mnist",
+        "crop_to_ink",
+        "prepare_digit",
     ): """
 picture = torch.full((3, 100, 100), 200, dtype=torch.uint8)
 picture[:, 30:70, 45:55] = 20  # a dark "1" on gray paper, in RGB
 assert lesson.prepare_digit(picture).shape == (1, 28, 28)
+""",
+    (
+        "MNIST_MEAN",
+        "MNIST_STD",
+        "MIN_INK",
+        "MAX_SIDE",
+        "ink_on_black",
+        "drop_faint_marks",
+        "place_like_mnist",
+        "crop_to_ink",
+        "PIECES_SIDE",
+        "THINNEST_STROKE",
+        "paper_level",
+        "opening",
+        "digit_pieces",
+        "mnist_strokes",
+        "prepare_photo",
+    ): """
+picture = torch.full((3, 100, 100), 200, dtype=torch.uint8)
+picture[:, ::10] = 150  # ruled lines
+picture[:, 30:70, 45:55] = 20  # a dark "1" on gray paper, in RGB
+assert lesson.prepare_photo(picture).shape == (1, 28, 28)
 """,
 }
 
@@ -1819,7 +1839,7 @@ def test_prepare_digit_refuses_a_picture_without_ink():
         lit_unevenly,
     ):
         with pytest.raises(ValueError, match="no ink found"):
-            mt.prepare_digit(blank)
+            mt.prepare_photo(blank)
 
 
 @given(seed=seeds, n=st.integers(1, 50))
@@ -1926,8 +1946,8 @@ def test_prepare_digit_drops_a_dark_frame_and_refuses_one_with_nothing_inside():
     for band in (framed[0, :8], framed[0, -8:], framed[0, :, :8], framed[0, :, -8:]):
         band.fill_(30)  # a dark frame 8 px wide: a desk around the paper, say
     a, b = (
-        blurred(as_unit_image(mt.prepare_digit(framed))),
-        blurred(as_unit_image(mt.prepare_digit(picture))),
+        blurred(as_unit_image(mt.prepare_photo(framed))),
+        blurred(as_unit_image(mt.prepare_photo(picture))),
     )
     assert (a - b).abs().mean() <= SAME_DIGIT["max_mean_difference"]
     framed[0, 8:-8, 8:-8] = (
@@ -1936,7 +1956,7 @@ def test_prepare_digit_drops_a_dark_frame_and_refuses_one_with_nothing_inside():
     with pytest.raises(
         ValueError, match="no ink found"
     ):  # along the whole side, as a ruled line), nothing is left
-        mt.prepare_digit(framed)
+        mt.prepare_photo(framed)
 
 
 def test_predict_without_a_model_says_how_to_make_one(tmp_path, capsys):
@@ -2398,7 +2418,7 @@ def prepared_on_pages(seed, scale, kind, folder, margin=60):
         Image.fromarray(step7_pages.page(page_kind, ink, g, margin).numpy(), "RGB").save(
             folder / name, quality=75
         )
-        prepared.append(blurred(as_unit_image(mt.prepare_digit(mt.read_image(folder / name)))))
+        prepared.append(blurred(as_unit_image(mt.prepare_photo(mt.read_image(folder / name)))))
     return prepared
 
 
@@ -2444,7 +2464,7 @@ def test_a_fine_pen_digit_prepares_with_strokes_as_wide_as_mnists(
         g = torch.Generator().manual_seed(seed)  # the same digit, style, slant and place both times
         ink = step7_pages.drawn_ink(digit, height, width, g)
         Image.fromarray(step7_pages.page(kind, ink, g).numpy(), "RGB").save(tmp_path / "page.png")
-        prepared.append(as_unit_image(mt.prepare_digit(mt.read_image(tmp_path / "page.png"))))
+        prepared.append(as_unit_image(mt.prepare_photo(mt.read_image(tmp_path / "page.png"))))
     assert stroke_width(prepared[1]) >= 0.9 * mt.THINNEST_STROKE
     assert alike(blurred(prepared[0]), blurred(prepared[1]))
 
@@ -2500,7 +2520,7 @@ def test_strokes_in_a_shadow_come_out_as_strong_as_in_the_light(tmp_path):
                 tmp_path / "page.jpg", quality=75
             )
             prepared.append(
-                blurred(as_unit_image(mt.prepare_digit(mt.read_image(tmp_path / "page.jpg"))))
+                blurred(as_unit_image(mt.prepare_photo(mt.read_image(tmp_path / "page.jpg"))))
             )
         differences.append(float((prepared[0] - prepared[1]).abs().mean()))
     assert torch.tensor(differences).median() <= 0.02, differences
@@ -2518,7 +2538,7 @@ def prepared_on_white(ink, margin, folder):
     """The blurred 28x28 of `ink` written black on white with `margin` px of paper around it, saved as a PNG."""
     paper = F.pad(1 - ink, (margin,) * 4, value=1.0)
     Image.fromarray(paper.mul(255).round().to(torch.uint8).numpy(), "L").save(folder / "digit.png")
-    return blurred(as_unit_image(mt.prepare_digit(mt.read_image(folder / "digit.png"))))
+    return blurred(as_unit_image(mt.prepare_photo(mt.read_image(folder / "digit.png"))))
 
 
 def bold_digit(seed):

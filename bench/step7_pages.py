@@ -2,7 +2,7 @@
 
 Digits of two sources: the first 500 MNIST test digits, scaled up 4 to 6 times, and 500 digits drawn
 here from strokes (three styles of each digit, slanted and jittered, a pen from a marker down to a fine
-pen). They are written as ink on four kinds of page and read back through read_image, prepare_digit and
+pen). They are written as ink on four kinds of page and read back through read_image, prepare_photo and
 predict, the way --predict reads a file:
 
     clean      black ink on white paper, PNG (the control)
@@ -180,7 +180,7 @@ def main(argv=None):
         for source, kind, label, picture in pictures(sources, args.count, args.data_dir, folder):
             try:
                 correct[source, kind] += (
-                    int(mt.predict(model, mt.prepare_digit(picture)[None]).argmax()) == label
+                    int(mt.predict(model, mt.prepare_photo(picture)[None]).argmax()) == label
                 )
             except ValueError:  # no ink found: a miss
                 pass
