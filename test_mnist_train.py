@@ -764,27 +764,6 @@ def test_resuming_follows_the_schedule_of_the_new_total(
     assert optimizer.param_groups[0]["lr"] == fresh_optimizer.param_groups[0]["lr"]
 
 
-def test_a_cuda_graph_checkpoint_resumes_as_a_plain_eager_run(tmp_path):
-    # The former --cuda-graph left each lr as a tensor and capturable on. An eager resume of such a
-    # checkpoint must not keep them: on a GPU, Adam would warn and take its slower graph-ready path.
-    model, optimizer, scheduler, generator, _, settings = unfinished_run_state()
-    for _ in range(3):
-        optimizer.step()
-        scheduler.step()
-    eager_lr = optimizer.param_groups[0]["lr"]
-    for group in optimizer.param_groups:
-        group["lr"], group["capturable"] = torch.tensor(group["lr"]), True
-    mt.save_checkpoint(tmp_path / "c.pt", model, optimizer, scheduler, generator, 1, settings)
-    model, optimizer, scheduler, generator, _, _ = unfinished_run_state()
-    checkpoint = mt.read_checkpoint(tmp_path / "c.pt", "cpu")
-    mt.load_checkpoint(
-        checkpoint, tmp_path / "c.pt", model, optimizer, scheduler, generator, 3
-    )  # epoch 1: 3 steps
-    for group in optimizer.param_groups:
-        assert type(group["lr"]) is float and group["lr"] == pytest.approx(eager_lr, rel=1e-6)
-        assert group["capturable"] is False
-
-
 def test_a_fresh_run_does_not_overwrite_a_file_that_is_not_a_checkpoint(
     fake_mnist, tmp_path, capsys
 ):
@@ -1239,9 +1218,10 @@ def test_a_full_disk_while_saving_the_model_says_how_to_get_it_from_the_checkpoi
     model_path, checkpoint = tmp_path / "model.pth", tmp_path / "checkpoint.pt"
     mt.save(mt.build_model(), model_path)  # an older model, which must survive
     older = model_path.read_bytes()
-    fill_only_the_model = lambda: monkeypatch.setattr(
-        mt, "open", disk_full_after(1000, only=model_path), raising=False
-    )  # noqa: E731
+
+    def fill_only_the_model():
+        monkeypatch.setattr(mt, "open", disk_full_after(1000, only=model_path), raising=False)
+
     monkeypatch.setattr(mt, "train_epoch", on_epoch_start(2, fill_only_the_model))
     status, err = run_main_expecting_exit(cli(tmp_path, fake_mnist, "--epochs", "2"), capsys)
 
@@ -2575,3 +2555,155 @@ def test_a_digit_photographed_close_on_ruled_or_shaded_paper_prepares_as_on_clea
         sum(alike(*prepared_on_pages(seed, 5, kind, tmp_path, margin=12)) for seed in range(10))
         >= 9
     )
+
+
+# ---------------------------------------------------------------------------
+# Where it runs: without Unix-only facilities, on any torch's default device, in the OS's words
+# ---------------------------------------------------------------------------
+
+# Runs a script as Windows would let it: no fcntl, no SIGHUP, no O_NOFOLLOW.
+WINDOWS_LIKE = """
+import os, runpy, signal, sys
+sys.modules["fcntl"] = None
+del signal.SIGHUP
+del os.O_NOFOLLOW
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+# Every child of these tests gets this long to finish, so a stalled one fails its test.
+CHILD_SECONDS = 120
+
+
+def windows_like(tmp_path, *argv, **popen):
+    """Start `argv` (a script and its arguments) under WINDOWS_LIKE in a session of its own."""
+    launcher = tmp_path / "windows_like.py"
+    launcher.write_text(WINDOWS_LIKE)
+    command = [sys.executable, "-u", str(launcher), *argv]
+    return subprocess.Popen(command, text=True, start_new_session=True, **popen)
+
+
+def finished(process):
+    """(stdout, stderr) of `process` once it ends; killed with its group past CHILD_SECONDS."""
+    try:
+        return process.communicate(timeout=CHILD_SECONDS)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, err = process.communicate()
+        pytest.fail(f"the child stalled; it printed:\n{out}\n{err}")
+
+
+def test_without_unix_only_facilities_it_trains_resumes_predicts_and_stops_in_one_line(tmp_path):
+    data_dir = write_fake_mnist(tmp_path / "data", n_train=2000, n_test=20)
+    script = os.path.join(HERE, "mnist_train.py")
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    # A short run, then a resume that extends it by an epoch.
+    run = windows_like(tmp_path, script, *cli(tmp_path, data_dir, "--epochs", "1"), **pipes)
+    out, err = finished(run)
+    assert run.returncode == 0, err
+    resume = cli(tmp_path, data_dir, "--resume", "--epochs", "2")
+    run = windows_like(tmp_path, script, *resume, **pipes)
+    out, err = finished(run)
+    assert run.returncode == 0, err
+    assert "resumed from" in out and "epoch  2/2" in out
+    # --predict with the weights it saved.
+    digit = Image.frombytes("L", (28, 28), bytes(drawn_digit(0).flatten().tolist()))
+    digit.save(tmp_path / "digit.png")
+    model = str(tmp_path / "model.pth")
+    run = windows_like(
+        tmp_path, script, "--predict", str(tmp_path / "digit.png"), "--load", model, **pipes
+    )
+    out, err = finished(run)
+    assert run.returncode == 0, err
+    assert out.startswith(f"{tmp_path / 'digit.png'}: ")
+    # Ctrl-C mid-run: status 130 and one line.
+    (tmp_path / "checkpoint.pt").unlink()
+    long_run = cli(tmp_path, data_dir, "--epochs", "1000")
+    run = windows_like(tmp_path, script, *long_run, **pipes)
+    deadline = time.monotonic() + CHILD_SECONDS
+    line = ""
+    while not line.startswith("epoch  2/1000"):
+        line = run.stdout.readline()
+        if not line or time.monotonic() > deadline:
+            os.killpg(run.pid, signal.SIGKILL)
+            pytest.fail(f"no second epoch; stderr: {run.stderr.read()}")
+    run.send_signal(signal.SIGINT)
+    out, err = finished(run)
+    assert run.returncode == 130
+    assert len(err.strip().splitlines()) == 1
+    assert err.strip().startswith("interrupted: ")
+
+
+@pytest.mark.parametrize("cut", LESSON_CUTS)
+def test_the_lesson_cut_runs_without_unix_only_facilities(cut, tmp_path):
+    with open(os.path.join(HERE, "mnist_train.py")) as f:
+        text = f.read()
+    (tmp_path / "lesson.py").write_text(text[: text.index(cut)])
+    script = "import pytest, torch, lesson\ntorch.manual_seed(0)\n" + LESSON_CUTS[cut]
+    (tmp_path / "use_lesson.py").write_text(script)
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "cwd": tmp_path}
+    run = windows_like(tmp_path, str(tmp_path / "use_lesson.py"), **pipes)
+    _, err = finished(run)
+    assert run.returncode == 0, err
+
+
+class FakeMsvcrt:
+    """Windows' msvcrt.locking, as far as hold_lock uses it: one holder per file."""
+
+    LK_NBLCK = 2
+
+    def __init__(self):
+        self.held = set()
+
+    def locking(self, handle, mode, size):
+        assert mode == self.LK_NBLCK and size == 1
+        identity = os.fstat(handle).st_ino
+        if identity in self.held:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        self.held.add(identity)
+
+
+def test_on_windows_the_lock_is_msvcrts_and_a_second_run_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "fcntl", None)
+    monkeypatch.setitem(sys.modules, "msvcrt", FakeMsvcrt())
+    monkeypatch.setattr(sys, "platform", "win32")
+    path = str(tmp_path / "checkpoint.pt")
+    first = mt.hold_lock(path)
+    try:
+        assert sys.modules["msvcrt"].held
+        with pytest.raises(mt.UserError, match="another run is using"):
+            mt.hold_lock(path)
+    finally:
+        os.close(first)
+
+
+def test_the_default_device_is_cuda_then_mps_then_the_cpu(fake_mnist, tmp_path, capsys):
+    expected = "cpu"
+    if torch.backends.mps.is_available():
+        expected = "mps"
+    if torch.cuda.is_available():
+        expected = "cuda"
+    assert mt.pick_device().type == expected
+    # Through main, with no --device given: the header names the device found.
+    argv = cli(tmp_path, fake_mnist, "--epochs", "1")
+    device_flag = argv.index("--device")
+    del argv[device_flag : device_flag + 2]
+    mt.main(argv)
+    assert f", device {expected}" in capsys.readouterr().out.splitlines()[0]
+
+
+@pytest.mark.parametrize("flag", ["--predict", "--load"])
+def test_a_loop_of_symbolic_links_is_said_in_the_os_words_not_called_damage(flag, tmp_path, capsys):
+    loop = tmp_path / "loop.png"
+    loop.symlink_to(loop)
+    model = tmp_path / "model.pth"
+    mt.save(mt.build_model(), model)
+    argv = ["--predict", str(loop), "--load", str(model)]
+    if flag == "--load":
+        (tmp_path / "digit.png").write_bytes(b"")
+        argv = ["--predict", str(tmp_path / "digit.png"), "--load", str(loop)]
+    with pytest.raises(SystemExit):
+        mt.main(argv)
+    err = capsys.readouterr().err
+    assert f"{loop}: too many levels of symbolic links" in err
+    assert "damaged" not in err

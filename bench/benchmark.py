@@ -27,6 +27,7 @@ from torchvision import datasets, transforms
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import cuda_graph  # noqa: E402  (beside this file)
+
 import mnist_train as mt  # noqa: E402
 
 
