@@ -1,16 +1,17 @@
-"""Step 7 on paper that is not blank: how often the model reads a digit written on a real-looking page.
+"""Step 7 on paper that is not blank: how often the model reads a digit on a real-looking page.
 
-Digits of two sources: the first 500 MNIST test digits, scaled up 4 to 6 times, and 500 digits drawn
-here from strokes (three styles of each digit, slanted and jittered, a pen from a marker down to a fine
-pen). They are written as ink on four kinds of page and read back through read_image, prepare_photo and
-predict, the way --predict reads a file:
+Digits of two sources: the first 500 MNIST test digits, scaled up 4 to 6 times, and 500 digits
+drawn here from strokes (three styles of each digit, slanted and jittered, a pen from a marker down
+to a fine pen). They are written as ink on four kinds of page and read back through read_image,
+prepare_photo and predict, the way --predict reads a file:
 
     clean      black ink on white paper, PNG (the control)
     ruled      blue ink on a notebook page: light blue lines 28 px apart and a red margin line, PNG
-    shadow     dark ink on paper lit unevenly, a soft shadow's edge crossing the page, JPEG (quality 75)
+    shadow     dark ink on paper lit unevenly, a soft shadow's edge across the page, JPEG quality 75
     fine pen   the same strokes thinned to about 3 px (drawn: a 2-4 px pen) on a 640x480 page, PNG
 
-Run: python bench/step7_pages.py --data-dir ./data --load model.pth [--count 500] [--source mnist|strokes|both]
+Run: python bench/step7_pages.py --data-dir ./data --load model.pth [--count 500]
+        [--source mnist|strokes|both]
 """
 
 import argparse
@@ -28,7 +29,8 @@ import mnist_train as mt  # noqa: E402
 
 
 def ink_of(digit, scale, thin=0):
-    """The digit as ink in [0, 1], `scale` times larger; `thin` px eroded off each side of every stroke."""
+    """The digit as ink in [0, 1], `scale` times larger; `thin` px eroded off each side of every
+    stroke."""
     size = round(28 * scale)
     ink = F.interpolate(digit.float()[None, None] / 255, size=(size, size), mode="bilinear")[
         0, 0
@@ -39,7 +41,8 @@ def ink_of(digit, scale, thin=0):
 
 
 def page(kind, ink, g, margin=60):
-    """An RGB uint8 [H, W, 3] page of `kind` with `ink` written on it somewhere: 2 * `margin` px taller than it."""
+    """An RGB uint8 [H, W, 3] page of `kind` with `ink` written on it somewhere: 2 * `margin` px
+    taller than it."""
     height, width = (
         (480, 640)
         if kind == "fine pen"
@@ -69,8 +72,9 @@ def page(kind, ink, g, margin=60):
     return paper.clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0)
 
 
-# Digits drawn from strokes in a unit box (x right, y down): polylines and arcs of ellipses (degrees, 0 = right,
-# 90 = down). Three styles each: a 1 with or without flag and foot, a 7 with or without bar, an open or closed 4.
+# Digits drawn from strokes in a unit box (x right, y down): polylines and arcs of ellipses
+# (degrees, 0 = right, 90 = down). Three styles each: a 1 with or without flag and foot, a 7 with
+# or without bar, an open or closed 4.
 def arc(cx, cy, rx, ry, a0, a1):
     """Points along an ellipse's arc from angle a0 to a1."""
     t = torch.linspace(a0, a1, max(3, abs(a1 - a0) // 12)) * torch.pi / 180
@@ -103,7 +107,8 @@ def strokes(digit, style):
 
 
 def drawn_ink(digit, height, pen, g):
-    """Ink in [0, 1] of `digit` drawn `height` px tall with a `pen` px wide pen: random style, slant, width, jitter."""
+    """Ink in [0, 1] of `digit` drawn `height` px tall with a `pen` px wide pen: random style,
+    slant, width, jitter."""
     r = lambda a, b: a + (b - a) * torch.rand((), generator=g).item()  # noqa: E731
     width, slant, jitter = r(0.5, 0.85) * height, r(-0.1, 0.3), 0.03 * height
     segments = []
@@ -140,7 +145,8 @@ def cropped(ink):
 
 
 def pictures(sources, count, data_dir, folder):
-    """(source, kind, label, picture) for `count` digits of each source on every kind of page, as files read back."""
+    """(source, kind, label, picture) for `count` digits of each source on every kind of page, as
+    files read back."""
     test = datasets.MNIST(data_dir, train=False)
     g = torch.Generator().manual_seed(0)
     for source in sources:
@@ -152,7 +158,9 @@ def pictures(sources, count, data_dir, folder):
                 fine = kind == "fine pen"
                 if source == "mnist":
                     ink = ink_of(test.data[i], 10 if fine else scale, thin=4 if fine else 0)
-                else:  # a marker (a fifth of the height) down to a fine pen (3% of it); on the fine-pen page 2-4 px
+                else:
+                    # A marker (a fifth of the height) down to a fine pen (3% of it); on the
+                    # fine-pen page, 2-4 px.
                     height = round(40 * scale if fine else 20 * scale)
                     ink = drawn_ink(
                         label, height, 2 + 2 * pen if fine else height * (0.03 + 0.17 * pen), g
@@ -185,7 +193,8 @@ def main(argv=None):
             except ValueError:  # no ink found: a miss
                 pass
     print(
-        f"step 7 on pages: {args.count} digits of each source, model {args.load}, torch {torch.__version__}"
+        f"step 7 on pages: {args.count} digits of each source, model {args.load}, "
+        f"torch {torch.__version__}"
     )
     print("| page | " + " | ".join(sources) + (" | all |" if len(sources) > 1 else " |"))
     print("|---|" + "---:|" * (len(sources) + (len(sources) > 1)))
