@@ -1120,19 +1120,12 @@ def parse_args(argv=None):
     add("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     add("--data-dir", default="./data", help="MNIST goes in DATA_DIR/MNIST/raw (default ./data)")
     add("--save", default="model.pth", help="where to save the trained weights (default model.pth)")
-    add(
-        "--checkpoint",
-        default="checkpoint.pt",
-        help="resume file, each epoch (default checkpoint.pt)",
-    )
+    checkpoint_help = "resume file, each epoch (default checkpoint.pt)"
+    add("--checkpoint", default="checkpoint.pt", help=checkpoint_help)
     add("--resume", action="store_true", help="continue the run saved in --checkpoint")
     add("--load", metavar="PATH", help="start from these saved weights")
-    add(
-        "--predict",
-        nargs="+",
-        metavar="IMAGE",
-        help="read the digit in each image with the model in --load",
-    )
+    predict_help = "read the digit in each image with the model in --load"
+    add("--predict", nargs="+", metavar="IMAGE", help=predict_help)
     args = parser.parse_args(argv)
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", args.device):
         parser.error(

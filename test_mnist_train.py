@@ -1619,6 +1619,18 @@ def copied(names):
     return "\n\n".join(ast.get_source_segment(text, node) for node in kept) + "\n"
 
 
+# What prepare_digit needs from step 7; prepare_photo needs it too.
+STEP_7_CLEAN = (
+    "MNIST_MEAN",
+    "MNIST_STD",
+    "MIN_INK",
+    "MAX_SIDE",
+    "ink_on_black",
+    "drop_faint_marks",
+    "place_like_mnist",
+    "crop_to_ink",
+)
+
 # What the README's "Copying" section says to copy with each function, and a use of it.
 FUNCTION_COPIES = {
     ("Net", "build_model", "save", "atomic_save", "load"): """
@@ -1642,30 +1654,13 @@ batches = [(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,)))]
 lesson.train_epoch(model, batches, loss_fn, lesson.make_optimizer(model))
 assert 0 <= lesson.evaluate(model, batches, loss_fn)[1] <= 1
 """,
-    (
-        "MNIST_MEAN",
-        "MNIST_STD",
-        "MIN_INK",
-        "MAX_SIDE",
-        "ink_on_black",
-        "drop_faint_marks",
-        "place_like_mnist",
-        "crop_to_ink",
-        "prepare_digit",
-    ): """
+    (*STEP_7_CLEAN, "prepare_digit"): """
 picture = torch.full((3, 100, 100), 200, dtype=torch.uint8)
 picture[:, 30:70, 45:55] = 20  # a dark "1" on gray paper, in RGB
 assert lesson.prepare_digit(picture).shape == (1, 28, 28)
 """,
     (
-        "MNIST_MEAN",
-        "MNIST_STD",
-        "MIN_INK",
-        "MAX_SIDE",
-        "ink_on_black",
-        "drop_faint_marks",
-        "place_like_mnist",
-        "crop_to_ink",
+        *STEP_7_CLEAN,
         "PIECES_SIDE",
         "THINNEST_STROKE",
         "paper_level",
