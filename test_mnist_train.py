@@ -602,6 +602,7 @@ def real_mnist_seed_0(tmp_path_factory):
     return train_on_real_mnist(folder, 0), folder / "m0.pth"
 
 
+@pytest.mark.slow
 @needs_real_mnist
 def test_real_mnist_reaches_98_percent_in_5_epochs(real_mnist_seed_0, tmp_path):
     # 55,000 training images (5,000 held out to validate on); the test set touched once, at the end.
@@ -634,6 +635,7 @@ def on_epoch_start(epoch, action):
     return train_epoch
 
 
+@pytest.mark.slow
 @given(seed=seeds, stop_after=st.integers(1, 2), optimizer_name=st.sampled_from(["adam", "sgd"]))
 def test_resume_after_any_epoch_matches_an_uninterrupted_run(
     seed, stop_after, optimizer_name, tmp_path_factory
@@ -1123,6 +1125,7 @@ mt.atomic_save({"version": 2, "big": torch.full((1_000_000,), 2.0)}, path)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stall_after", [1, 2_000_000])
 def test_a_process_killed_while_saving_leaves_the_previous_file_whole(stall_after, tmp_path):
     path = tmp_path / "model.pth"
@@ -1137,6 +1140,7 @@ def test_a_process_killed_while_saving_leaves_the_previous_file_whole(stall_afte
     assert saved["version"] == 1 and torch.equal(saved["big"], torch.full((1_000_000,), 1.0))
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_a_real_process_exits_130_with_one_line(tmp_path):
     data_dir = write_fake_mnist(tmp_path / "data", n_train=2000, n_test=20)
     argv = [sys.executable, "-u", "mnist_train.py", *cli(tmp_path, data_dir, "--epochs", "1000")]
@@ -1324,6 +1328,7 @@ def test_sigterm_stops_like_ctrl_c(function, line, fake_mnist, tmp_path, capsys,
         signal.signal(signal.SIGTERM, handler_before)
 
 
+@pytest.mark.slow
 def test_sigterm_in_a_real_process_exits_143_and_resumes_to_the_same_weights(tmp_path):
     data_dir = write_fake_mnist(tmp_path / "data", n_train=3000, n_test=20)
     stopped, whole = tmp_path / "stopped", tmp_path / "whole"
@@ -1497,6 +1502,7 @@ def two_process_job(tmp_path_factory):
     return data_dir, folder, done, torch.load(two / "model.pth")
 
 
+@pytest.mark.slow
 def test_torchrun_with_two_processes_follows_one_process(two_process_job, tmp_path):
     data_dir, folder, done, _ = two_process_job
     two, one, flags = folder / "two", tmp_path / "one", ["--epochs", "2"]
@@ -1542,6 +1548,7 @@ def test_torchrun_with_two_processes_follows_one_process(two_process_job, tmp_pa
         )
 
 
+@pytest.mark.slow
 def test_a_process_that_cannot_start_ends_the_job_with_its_one_line(fake_mnist, tmp_path):
     done, seconds = torchrun(tmp_path, cli(tmp_path, fake_mnist), FAIL_ON_RANK="1", FAULT="data")
     assert done.returncode != 0 and seconds < 60
@@ -1552,6 +1559,7 @@ def test_a_process_that_cannot_start_ends_the_job_with_its_one_line(fake_mnist, 
     assert not worker_tracebacks(done.stderr) and not os.path.exists(tmp_path / "checkpoint.pt")
 
 
+@pytest.mark.slow
 def test_a_process_that_dies_mid_run_ends_the_job_promptly(fake_mnist, tmp_path):
     done, seconds = torchrun(
         tmp_path, cli(tmp_path, fake_mnist, "--epochs", "5"), FAIL_ON_RANK="1", FAULT="crash"
@@ -1566,6 +1574,7 @@ def test_a_process_that_dies_mid_run_ends_the_job_promptly(fake_mnist, tmp_path)
     assert torch.load(tmp_path / "checkpoint.pt")["epoch"] == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop", ["Ctrl-C in the terminal", "SIGTERM to torchrun"])
 def test_a_stopped_torchrun_job_says_once_how_to_resume_it(stop, tmp_path):
     data_dir = write_fake_mnist(tmp_path / "data", n_train=2000, n_test=20)
@@ -1731,6 +1740,7 @@ assert lesson.prepare_photo(picture).shape == (1, 28, 28)
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("names", FUNCTION_COPIES, ids=lambda names: names[-1])
 def test_a_function_copied_with_what_the_readme_names_runs(names, tmp_path):
     (tmp_path / "lesson.py").write_text(copied(names))
@@ -1739,6 +1749,7 @@ def test_a_function_copied_with_what_the_readme_names_runs(names, tmp_path):
     assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cut", LESSON_CUTS)
 def test_the_lesson_cut_out_of_the_file_runs_on_its_own(cut, tmp_path):
     with open(os.path.join(HERE, "mnist_train.py")) as f:
@@ -1995,6 +2006,7 @@ def test_predict_without_a_model_says_how_to_make_one(tmp_path, capsys):
     )
 
 
+@pytest.mark.slow
 @needs_real_mnist
 def test_real_mnist_digits_drawn_as_users_pictures_are_read(real_mnist_seed_0, tmp_path):
     # 500 test digits as a user's files would hold them: black on white, 2-5x larger,
@@ -2102,6 +2114,7 @@ def test_save_and_checkpoint_on_the_same_file_is_a_usage_error(capsys):
     assert status == 2 and "--save and --checkpoint must differ" in err
 
 
+@pytest.mark.slow
 def test_a_closed_or_full_stdout_stops_with_the_usual_line_and_the_checkpoint_safe(tmp_path):
     data_dir = write_fake_mnist(tmp_path / "data", n_train=300, n_test=20)
     argv = [sys.executable, "mnist_train.py", *cli(tmp_path, data_dir, "--epochs", "3")]
@@ -2132,6 +2145,7 @@ def test_a_closed_or_full_stdout_stops_with_the_usual_line_and_the_checkpoint_sa
         )
 
 
+@pytest.mark.slow
 def test_sighup_is_handled_like_sigterm(tmp_path):
     data_dir = write_fake_mnist(tmp_path / "data", n_train=3000, n_test=20)
     argv = [sys.executable, "-u", "mnist_train.py", *cli(tmp_path, data_dir, "--epochs", "100")]
@@ -2318,6 +2332,7 @@ def ours(stderr):
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("crash_at", [2, 1])  # after epoch 1's checkpoint; before any
 def test_a_worker_killed_costs_the_epoch_in_flight_not_the_job(crash_at, two_process_job, tmp_path):
     data_dir, _, _, uninterrupted = two_process_job
@@ -2346,6 +2361,7 @@ def test_a_worker_killed_costs_the_epoch_in_flight_not_the_job(crash_at, two_pro
     )  # gloo on the CPU: bit for bit
 
 
+@pytest.mark.slow
 def test_a_restart_never_resumes_a_run_the_first_attempt_refused(two_process_job, tmp_path, capsys):
     data_dir, *_ = two_process_job
     mt.main(cli(tmp_path, data_dir, "--epochs", "1"))
@@ -2365,6 +2381,7 @@ def test_a_restart_never_resumes_a_run_the_first_attempt_refused(two_process_job
     assert torch.load(tmp_path / "checkpoint.pt")["epoch"] == 1
 
 
+@pytest.mark.slow
 def test_two_launchers_on_one_machine_run_as_one_job_of_two_processes(two_process_job, tmp_path):
     data_dir, _, _, uninterrupted = two_process_job
     with socket.socket() as free:  # a port for the rendezvous
@@ -2396,6 +2413,7 @@ def test_two_launchers_on_one_machine_run_as_one_job_of_two_processes(two_proces
         torch.testing.assert_close(tensor, uninterrupted[name], **TORCHRUN_TOLERANCE)
 
 
+@pytest.mark.slow
 def test_on_each_machine_one_process_downloads_mnist_while_the_others_wait(tmp_path):
     done, _ = torchrun(
         tmp_path, cli(tmp_path, tmp_path / "data", "--epochs", "1"), FAULT="download"
@@ -2453,12 +2471,14 @@ def alike(a, b):  # the measure and tolerance of the property above
     )
 
 
+@pytest.mark.slow
 @given(seed=seeds, scale=st.floats(4, 6))
 def test_a_digit_on_ruled_paper_prepares_as_on_clean_paper(seed, scale, tmp_path):
     # Light blue lines and a red margin cross the page and the strokes: the lines go, the strokes stay.
     assert alike(*prepared_on_pages(seed, scale, "ruled", tmp_path))
 
 
+@pytest.mark.slow
 def test_most_digits_under_a_shadow_prepare_as_on_clean_paper(tmp_path):
     # Uneven light and a soft shadow's edge across the page, as JPEG. Not every one: where the edge runs
     # through the digit, some of it can stay (19 of 20 here; 98% of 1,000 pages read in bench/step7_pages.py).
@@ -2475,6 +2495,7 @@ def stroke_width(image):
     )
 
 
+@pytest.mark.slow
 @given(seed=seeds, digit=st.integers(0, 9), height=st.integers(180, 260), pen=st.floats(2, 4))
 def test_a_fine_pen_digit_prepares_with_strokes_as_wide_as_mnists(
     seed, digit, height, pen, tmp_path
@@ -2622,6 +2643,7 @@ def windows_like(tmp_path, *argv, **popen):
     return child([sys.executable, "-u", str(launcher), *argv], text=True, **popen)
 
 
+@pytest.mark.slow
 def test_without_unix_only_facilities_it_trains_resumes_predicts_and_stops_in_one_line(tmp_path):
     data_dir = write_fake_mnist(tmp_path / "data", n_train=2000, n_test=20)
     script = os.path.join(HERE, "mnist_train.py")
@@ -2657,6 +2679,7 @@ def test_without_unix_only_facilities_it_trains_resumes_predicts_and_stops_in_on
     assert err.strip().startswith("interrupted: ")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cut", LESSON_CUTS)
 def test_the_lesson_cut_runs_without_unix_only_facilities(cut, tmp_path):
     with open(os.path.join(HERE, "mnist_train.py")) as f:
