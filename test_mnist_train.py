@@ -459,6 +459,7 @@ def test_stale_gradients_do_not_change_a_replayed_step(seed):
     assert_same_state(state_of(trainers[0][0]), state_of(trainers[1][0]))
 
 
+@pytest.mark.slow
 @given(seed=seeds)
 def test_same_seed_gives_identical_weights_on_cpu(seed, tmp_path):
     data_dir = write_fake_mnist(tmp_path / "data", n_train=96, n_test=20)
