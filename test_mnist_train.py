@@ -1093,7 +1093,9 @@ def read_until(process, prefix):
             return line
     end_group(process)
     _, err = process.communicate(timeout=10)
-    pytest.fail(f"the child ended before {prefix!r}; it printed:\n{''.join(lines)}\n{err}")
+    pytest.fail(
+        f"no line {prefix!r} before the child ended or its deadline; it printed:\n{''.join(lines)}\n{err}"
+    )
 
 
 def run_to_end(argv, seconds=CHILD_SECONDS, **popen):
