@@ -459,6 +459,7 @@ def test_stale_gradients_do_not_change_a_replayed_step(seed):
     assert_same_state(state_of(trainers[0][0]), state_of(trainers[1][0]))
 
 
+@pytest.mark.slow
 @given(seed=seeds)
 def test_same_seed_gives_identical_weights_on_cpu(seed, tmp_path):
     data_dir = write_fake_mnist(tmp_path / "data", n_train=96, n_test=20)
@@ -602,6 +603,7 @@ def real_mnist_seed_0(tmp_path_factory):
     return train_on_real_mnist(folder, 0), folder / "m0.pth"
 
 
+@pytest.mark.slow
 @needs_real_mnist
 def test_real_mnist_reaches_98_percent_in_5_epochs(real_mnist_seed_0, tmp_path):
     # 55,000 training images (5,000 held out to validate on); the test set touched once, at the end.
@@ -634,6 +636,7 @@ def on_epoch_start(epoch, action):
     return train_epoch
 
 
+@pytest.mark.slow
 @given(seed=seeds, stop_after=st.integers(1, 2), optimizer_name=st.sampled_from(["adam", "sgd"]))
 def test_resume_after_any_epoch_matches_an_uninterrupted_run(
     seed, stop_after, optimizer_name, tmp_path_factory
@@ -1044,6 +1047,65 @@ def test_a_diverging_loss_stops_the_run_and_keeps_the_last_checkpoint(fake_mnist
 # Real processes: a kill while writing, and Ctrl-C from the terminal
 # ---------------------------------------------------------------------------
 
+# Every child of these tests gets this long to finish, so a stalled one fails its test.
+CHILD_SECONDS = 120
+
+
+def end_group(process):
+    """Kill `process` and every process it started (its session's group)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def child(argv, seconds=CHILD_SECONDS, **popen):
+    """Popen `argv` in a session of its own; its group is killed `seconds` after the start (so
+    every read of its pipes ends) and when the block ends, pass or fail."""
+    process = subprocess.Popen(argv, start_new_session=True, **popen)
+    watchdog = threading.Timer(seconds, end_group, [process])
+    watchdog.start()
+    try:
+        yield process
+    finally:
+        watchdog.cancel()
+        end_group(process)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.communicate(timeout=10)  # reaped, its pipes closed
+
+
+def finished(process, seconds=CHILD_SECONDS):
+    """(stdout, stderr) of `process` once it ends; killed with its group past `seconds`."""
+    try:
+        return process.communicate(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        end_group(process)
+        out, err = process.communicate(timeout=10)
+        pytest.fail(f"the child stalled; it printed:\n{out}\n{err}")
+
+
+def read_until(process, prefix):
+    """The first line of `process`'s stdout that starts with `prefix`; a child that ends first, or
+    is killed by child()'s deadline, fails the test with what it printed."""
+    lines = []
+    for line in iter(process.stdout.readline, ""):  # "" at the end of the pipe
+        lines.append(line)
+        if line.startswith(prefix):
+            return line
+    end_group(process)
+    _, err = process.communicate(timeout=10)
+    pytest.fail(
+        f"no line {prefix!r} before the child ended or its deadline; it printed:\n{''.join(lines)}\n{err}"
+    )
+
+
+def run_to_end(argv, seconds=CHILD_SECONDS, **popen):
+    """subprocess.run() through child(): text pipes (unless `popen` says otherwise), a deadline."""
+    popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **popen}
+    with child(argv, seconds, **popen) as process:
+        out, err = finished(process, seconds)
+    return subprocess.CompletedProcess(argv, process.returncode, out, err)
+
+
 WRITER = """
 import builtins, sys, time, torch, mnist_train as mt
 path, stall_after = sys.argv[1], int(sys.argv[2])
@@ -1066,30 +1128,30 @@ mt.atomic_save({"version": 2, "big": torch.full((1_000_000,), 2.0)}, path)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stall_after", [1, 2_000_000])
 def test_a_process_killed_while_saving_leaves_the_previous_file_whole(stall_after, tmp_path):
     path = tmp_path / "model.pth"
     argv = [sys.executable, "-c", WRITER, str(path), str(stall_after)]
-    writer = subprocess.Popen(argv, cwd=HERE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert writer.stdout.readline().strip() == "stalled mid-write"
-    finally:
-        writer.send_signal(signal.SIGKILL)
-        writer.wait()
+    with child(argv, cwd=HERE, stdout=subprocess.PIPE, text=True) as writer:
+        try:
+            assert writer.stdout.readline().strip() == "stalled mid-write"
+        finally:
+            writer.send_signal(signal.SIGKILL)
+            writer.wait(timeout=CHILD_SECONDS)
     saved = torch.load(path, weights_only=True)
     assert saved["version"] == 1 and torch.equal(saved["big"], torch.full((1_000_000,), 1.0))
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_a_real_process_exits_130_with_one_line(tmp_path):
     data_dir = write_fake_mnist(tmp_path / "data", n_train=2000, n_test=20)
     argv = [sys.executable, "-u", "mnist_train.py", *cli(tmp_path, data_dir, "--epochs", "1000")]
-    process = subprocess.Popen(
-        argv, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    while not process.stdout.readline().startswith("epoch  2/1000"):
-        pass
-    process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=60)
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    with child(argv, cwd=HERE, **pipes) as process:
+        read_until(process, "epoch  2/1000")
+        process.send_signal(signal.SIGINT)
+        _, err = finished(process, 60)
     assert process.returncode == 130
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert err.strip().startswith(f"interrupted: {tmp_path / 'checkpoint.pt'} holds epoch")
@@ -1269,6 +1331,7 @@ def test_sigterm_stops_like_ctrl_c(function, line, fake_mnist, tmp_path, capsys,
         signal.signal(signal.SIGTERM, handler_before)
 
 
+@pytest.mark.slow
 def test_sigterm_in_a_real_process_exits_143_and_resumes_to_the_same_weights(tmp_path):
     data_dir = write_fake_mnist(tmp_path / "data", n_train=3000, n_test=20)
     stopped, whole = tmp_path / "stopped", tmp_path / "whole"
@@ -1276,14 +1339,11 @@ def test_sigterm_in_a_real_process_exits_143_and_resumes_to_the_same_weights(tmp
     # One thread, here and in the process: the same sums in the same order, so the same bits.
     argv = [sys.executable, "-u", "mnist_train.py", *cli(stopped, data_dir, "--epochs", "6")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(
-        argv, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-    )
-    for line in process.stdout:
-        if line.startswith("epoch  1/6"):
-            process.send_signal(signal.SIGTERM)
-            break
-    _, err = process.communicate(timeout=60)
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    with child(argv, cwd=HERE, env=env, **pipes) as process:
+        read_until(process, "epoch  1/6")
+        process.send_signal(signal.SIGTERM)
+        _, err = finished(process, 60)
     assert process.returncode == 143
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert err.startswith(f"terminated by SIGTERM: {stopped / 'checkpoint.pt'} holds epoch ")
@@ -1378,8 +1438,8 @@ TORCHRUN_TOLERANCE = {"rtol": 0, "atol": 1e-4}
 
 
 def start_torchrun(tmp_path, argv, processes=2, env=None, launcher=("--standalone",), **popen):
-    """Start TORCHRUN_WORKER under `torchrun --standalone` (or other `launcher` options) with `argv`; return the
-    Popen, text pipes."""
+    """Start TORCHRUN_WORKER under `torchrun --standalone` (or other `launcher` options) with `argv`: child(),
+    text pipes."""
     script = tmp_path / "worker.py"
     if not script.exists():  # (two launchers share it)
         script.write_text(TORCHRUN_WORKER)
@@ -1397,7 +1457,7 @@ def start_torchrun(tmp_path, argv, processes=2, env=None, launcher=("--standalon
         *launcher,
         f"--nproc_per_node={processes}",
     ]
-    return subprocess.Popen(
+    return child(
         [*command, str(script), *argv],
         cwd=HERE,
         env=env,
@@ -1411,8 +1471,8 @@ def start_torchrun(tmp_path, argv, processes=2, env=None, launcher=("--standalon
 def torchrun(tmp_path, argv, processes=2, launcher=("--standalone",), **env):
     """Run TORCHRUN_WORKER under `torchrun` to the end; return (CompletedProcess, seconds)."""
     start = time.monotonic()
-    job = start_torchrun(tmp_path, argv, processes, env, launcher)
-    out, err = job.communicate(timeout=300)
+    with start_torchrun(tmp_path, argv, processes, env, launcher) as job:
+        out, err = finished(job)
     return subprocess.CompletedProcess(job.args, job.returncode, out, err), time.monotonic() - start
 
 
@@ -1445,6 +1505,7 @@ def two_process_job(tmp_path_factory):
     return data_dir, folder, done, torch.load(two / "model.pth")
 
 
+@pytest.mark.slow
 def test_torchrun_with_two_processes_follows_one_process(two_process_job, tmp_path):
     data_dir, folder, done, _ = two_process_job
     two, one, flags = folder / "two", tmp_path / "one", ["--epochs", "2"]
@@ -1490,6 +1551,7 @@ def test_torchrun_with_two_processes_follows_one_process(two_process_job, tmp_pa
         )
 
 
+@pytest.mark.slow
 def test_a_process_that_cannot_start_ends_the_job_with_its_one_line(fake_mnist, tmp_path):
     done, seconds = torchrun(tmp_path, cli(tmp_path, fake_mnist), FAIL_ON_RANK="1", FAULT="data")
     assert done.returncode != 0 and seconds < 60
@@ -1500,6 +1562,7 @@ def test_a_process_that_cannot_start_ends_the_job_with_its_one_line(fake_mnist, 
     assert not worker_tracebacks(done.stderr) and not os.path.exists(tmp_path / "checkpoint.pt")
 
 
+@pytest.mark.slow
 def test_a_process_that_dies_mid_run_ends_the_job_promptly(fake_mnist, tmp_path):
     done, seconds = torchrun(
         tmp_path, cli(tmp_path, fake_mnist, "--epochs", "5"), FAIL_ON_RANK="1", FAULT="crash"
@@ -1514,21 +1577,19 @@ def test_a_process_that_dies_mid_run_ends_the_job_promptly(fake_mnist, tmp_path)
     assert torch.load(tmp_path / "checkpoint.pt")["epoch"] == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop", ["Ctrl-C in the terminal", "SIGTERM to torchrun"])
 def test_a_stopped_torchrun_job_says_once_how_to_resume_it(stop, tmp_path):
     data_dir = write_fake_mnist(tmp_path / "data", n_train=2000, n_test=20)
-    # In a session of its own, like a job started from a terminal: Ctrl-C signals the whole group.
-    job = start_torchrun(
-        tmp_path, cli(tmp_path, data_dir, "--epochs", "1000"), start_new_session=True
-    )
-    for line in job.stdout:
-        if line.startswith("epoch  2/1000"):
-            break
-    if stop == "Ctrl-C in the terminal":
-        os.killpg(job.pid, signal.SIGINT)
-    else:  # how a scheduler stops it: torchrun passes SIGTERM on to every process
-        job.send_signal(signal.SIGTERM)
-    _, err = job.communicate(timeout=60)
+    # In a session of its own (child()'s), like a job started from a terminal: Ctrl-C signals the
+    # whole group.
+    with start_torchrun(tmp_path, cli(tmp_path, data_dir, "--epochs", "1000")) as job:
+        read_until(job, "epoch  2/1000")
+        if stop == "Ctrl-C in the terminal":
+            os.killpg(job.pid, signal.SIGINT)
+        else:  # how a scheduler stops it: torchrun passes SIGTERM on to every process
+            job.send_signal(signal.SIGTERM)
+        _, err = finished(job, 60)
 
     ours = [line for line in err.splitlines() if line.startswith(("interrupted", "terminated"))]
     assert len(ours) == 1, err
@@ -1677,16 +1738,16 @@ assert lesson.prepare_photo(picture).shape == (1, 28, 28)
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("names", FUNCTION_COPIES, ids=lambda names: names[-1])
 def test_a_function_copied_with_what_the_readme_names_runs(names, tmp_path):
     (tmp_path / "lesson.py").write_text(copied(names))
     script = "import torch, lesson\ntorch.manual_seed(0)\n" + FUNCTION_COPIES[names]
-    done = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True
-    )
+    done = run_to_end([sys.executable, "-c", script], cwd=tmp_path)
     assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cut", LESSON_CUTS)
 def test_the_lesson_cut_out_of_the_file_runs_on_its_own(cut, tmp_path):
     with open(os.path.join(HERE, "mnist_train.py")) as f:
@@ -1695,9 +1756,7 @@ def test_the_lesson_cut_out_of_the_file_runs_on_its_own(cut, tmp_path):
     assert "def main" not in (tmp_path / "lesson.py").read_text()
     # A fresh interpreter in another folder: nothing of the machinery can be found there.
     script = "import pytest, torch, lesson\ntorch.manual_seed(0)\n" + LESSON_CUTS[cut]
-    done = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True
-    )
+    done = run_to_end([sys.executable, "-c", script], cwd=tmp_path)
     assert done.returncode == 0, done.stderr
 
 
@@ -1945,6 +2004,7 @@ def test_predict_without_a_model_says_how_to_make_one(tmp_path, capsys):
     )
 
 
+@pytest.mark.slow
 @needs_real_mnist
 def test_real_mnist_digits_drawn_as_users_pictures_are_read(real_mnist_seed_0, tmp_path):
     # 500 test digits as a user's files would hold them: black on white, 2-5x larger,
@@ -2052,17 +2112,17 @@ def test_save_and_checkpoint_on_the_same_file_is_a_usage_error(capsys):
     assert status == 2 and "--save and --checkpoint must differ" in err
 
 
+@pytest.mark.slow
 def test_a_closed_or_full_stdout_stops_with_the_usual_line_and_the_checkpoint_safe(tmp_path):
     data_dir = write_fake_mnist(tmp_path / "data", n_train=300, n_test=20)
     argv = [sys.executable, "mnist_train.py", *cli(tmp_path, data_dir, "--epochs", "3")]
     # `| head -1`: the reader goes after the header; the next line (epoch 1's) finds the pipe closed.
-    job = subprocess.Popen(
-        argv, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    assert job.stdout.readline().startswith("mnist_train: ")
-    job.stdout.close()
-    err = job.stderr.read()
-    assert job.wait(timeout=60) == 1 and err.count("\n") == 1, err
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    with child(argv, cwd=HERE, **pipes) as job:  # its deadline ends the reads below too
+        assert job.stdout.readline().startswith("mnist_train: ")
+        job.stdout.close()
+        err = job.stderr.read()
+        assert job.wait(timeout=60) == 1 and err.count("\n") == 1, err
     checkpoint = tmp_path / "checkpoint.pt"
     assert err.startswith(
         f"error: standard output was closed: stopped; {checkpoint} holds epoch 1 of 3"
@@ -2076,26 +2136,22 @@ def test_a_closed_or_full_stdout_stops_with_the_usual_line_and_the_checkpoint_sa
             *cli(tmp_path / "full", data_dir, "--epochs", "3"),
         ]
         with open("/dev/full", "w") as full:
-            done = subprocess.run(
-                argv, cwd=HERE, stdout=full, stderr=subprocess.PIPE, text=True, timeout=60
-            )
+            done = run_to_end(argv, 60, cwd=HERE, stdout=full)
         assert (
             done.returncode == 1
             and done.stderr == "error: standard output is full: stopped; nothing was saved\n"
         )
 
 
+@pytest.mark.slow
 def test_sighup_is_handled_like_sigterm(tmp_path):
     data_dir = write_fake_mnist(tmp_path / "data", n_train=3000, n_test=20)
     argv = [sys.executable, "-u", "mnist_train.py", *cli(tmp_path, data_dir, "--epochs", "100")]
-    job = subprocess.Popen(
-        argv, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    for line in job.stdout:
-        if line.startswith("epoch  1/100"):
-            job.send_signal(signal.SIGHUP)  # the terminal closed
-            break
-    _, err = job.communicate(timeout=60)
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    with child(argv, cwd=HERE, **pipes) as job:
+        read_until(job, "epoch  1/100")
+        job.send_signal(signal.SIGHUP)  # the terminal closed
+        _, err = finished(job, 60)
     assert job.returncode == 128 + signal.SIGHUP and err.count("\n") == 1, err
     assert err.startswith(f"terminated by SIGHUP: {tmp_path / 'checkpoint.pt'} holds epoch ")
 
@@ -2274,6 +2330,7 @@ def ours(stderr):
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("crash_at", [2, 1])  # after epoch 1's checkpoint; before any
 def test_a_worker_killed_costs_the_epoch_in_flight_not_the_job(crash_at, two_process_job, tmp_path):
     data_dir, _, _, uninterrupted = two_process_job
@@ -2302,6 +2359,7 @@ def test_a_worker_killed_costs_the_epoch_in_flight_not_the_job(crash_at, two_pro
     )  # gloo on the CPU: bit for bit
 
 
+@pytest.mark.slow
 def test_a_restart_never_resumes_a_run_the_first_attempt_refused(two_process_job, tmp_path, capsys):
     data_dir, *_ = two_process_job
     mt.main(cli(tmp_path, data_dir, "--epochs", "1"))
@@ -2321,6 +2379,7 @@ def test_a_restart_never_resumes_a_run_the_first_attempt_refused(two_process_job
     assert torch.load(tmp_path / "checkpoint.pt")["epoch"] == 1
 
 
+@pytest.mark.slow
 def test_two_launchers_on_one_machine_run_as_one_job_of_two_processes(two_process_job, tmp_path):
     data_dir, _, _, uninterrupted = two_process_job
     with socket.socket() as free:  # a port for the rendezvous
@@ -2333,10 +2392,14 @@ def test_two_launchers_on_one_machine_run_as_one_job_of_two_processes(two_proces
         "--rdzv-id=rehearsal",
     )
     argv = cli(tmp_path, data_dir, "--epochs", "2")
-    jobs = [
-        start_torchrun(tmp_path, argv, 1, None, (*common, f"--node-rank={node}")) for node in (0, 1)
-    ]
-    results = [job.communicate(timeout=300) for job in jobs]
+    with contextlib.ExitStack() as stack:
+        jobs = [
+            stack.enter_context(
+                start_torchrun(tmp_path, argv, 1, None, (*common, f"--node-rank={node}"))
+            )
+            for node in (0, 1)
+        ]
+        results = [finished(job) for job in jobs]
     assert [job.returncode for job in jobs] == [0, 0], results
     out = "".join(
         out for out, _ in results
@@ -2348,6 +2411,7 @@ def test_two_launchers_on_one_machine_run_as_one_job_of_two_processes(two_proces
         torch.testing.assert_close(tensor, uninterrupted[name], **TORCHRUN_TOLERANCE)
 
 
+@pytest.mark.slow
 def test_on_each_machine_one_process_downloads_mnist_while_the_others_wait(tmp_path):
     done, _ = torchrun(
         tmp_path, cli(tmp_path, tmp_path / "data", "--epochs", "1"), FAULT="download"
@@ -2405,12 +2469,14 @@ def alike(a, b):  # the measure and tolerance of the property above
     )
 
 
+@pytest.mark.slow
 @given(seed=seeds, scale=st.floats(4, 6))
 def test_a_digit_on_ruled_paper_prepares_as_on_clean_paper(seed, scale, tmp_path):
     # Light blue lines and a red margin cross the page and the strokes: the lines go, the strokes stay.
     assert alike(*prepared_on_pages(seed, scale, "ruled", tmp_path))
 
 
+@pytest.mark.slow
 def test_most_digits_under_a_shadow_prepare_as_on_clean_paper(tmp_path):
     # Uneven light and a soft shadow's edge across the page, as JPEG. Not every one: where the edge runs
     # through the digit, some of it can stay (19 of 20 here; 98% of 1,000 pages read in bench/step7_pages.py).
@@ -2427,6 +2493,7 @@ def stroke_width(image):
     )
 
 
+@pytest.mark.slow
 @given(seed=seeds, digit=st.integers(0, 9), height=st.integers(180, 260), pen=st.floats(2, 4))
 def test_a_fine_pen_digit_prepares_with_strokes_as_wide_as_mnists(
     seed, digit, height, pen, tmp_path
@@ -2566,69 +2633,51 @@ sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
-# Every child of these tests gets this long to finish, so a stalled one fails its test.
-CHILD_SECONDS = 120
-
 
 def windows_like(tmp_path, *argv, **popen):
-    """Start `argv` (a script and its arguments) under WINDOWS_LIKE in a session of its own."""
+    """child() for `argv` (a script and its arguments) run under WINDOWS_LIKE."""
     launcher = tmp_path / "windows_like.py"
     launcher.write_text(WINDOWS_LIKE)
-    command = [sys.executable, "-u", str(launcher), *argv]
-    return subprocess.Popen(command, text=True, start_new_session=True, **popen)
+    return child([sys.executable, "-u", str(launcher), *argv], text=True, **popen)
 
 
-def finished(process):
-    """(stdout, stderr) of `process` once it ends; killed with its group past CHILD_SECONDS."""
-    try:
-        return process.communicate(timeout=CHILD_SECONDS)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        out, err = process.communicate()
-        pytest.fail(f"the child stalled; it printed:\n{out}\n{err}")
-
-
+@pytest.mark.slow
 def test_without_unix_only_facilities_it_trains_resumes_predicts_and_stops_in_one_line(tmp_path):
     data_dir = write_fake_mnist(tmp_path / "data", n_train=2000, n_test=20)
     script = os.path.join(HERE, "mnist_train.py")
     pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
     # A short run, then a resume that extends it by an epoch.
-    run = windows_like(tmp_path, script, *cli(tmp_path, data_dir, "--epochs", "1"), **pipes)
-    out, err = finished(run)
+    with windows_like(tmp_path, script, *cli(tmp_path, data_dir, "--epochs", "1"), **pipes) as run:
+        out, err = finished(run)
     assert run.returncode == 0, err
     resume = cli(tmp_path, data_dir, "--resume", "--epochs", "2")
-    run = windows_like(tmp_path, script, *resume, **pipes)
-    out, err = finished(run)
+    with windows_like(tmp_path, script, *resume, **pipes) as run:
+        out, err = finished(run)
     assert run.returncode == 0, err
     assert "resumed from" in out and "epoch  2/2" in out
     # --predict with the weights it saved.
     digit = Image.frombytes("L", (28, 28), bytes(drawn_digit(0).flatten().tolist()))
     digit.save(tmp_path / "digit.png")
     model = str(tmp_path / "model.pth")
-    run = windows_like(
+    with windows_like(
         tmp_path, script, "--predict", str(tmp_path / "digit.png"), "--load", model, **pipes
-    )
-    out, err = finished(run)
+    ) as run:
+        out, err = finished(run)
     assert run.returncode == 0, err
     assert out.startswith(f"{tmp_path / 'digit.png'}: ")
     # Ctrl-C mid-run: status 130 and one line.
     (tmp_path / "checkpoint.pt").unlink()
     long_run = cli(tmp_path, data_dir, "--epochs", "1000")
-    run = windows_like(tmp_path, script, *long_run, **pipes)
-    deadline = time.monotonic() + CHILD_SECONDS
-    line = ""
-    while not line.startswith("epoch  2/1000"):
-        line = run.stdout.readline()
-        if not line or time.monotonic() > deadline:
-            os.killpg(run.pid, signal.SIGKILL)
-            pytest.fail(f"no second epoch; stderr: {run.stderr.read()}")
-    run.send_signal(signal.SIGINT)
-    out, err = finished(run)
+    with windows_like(tmp_path, script, *long_run, **pipes) as run:
+        read_until(run, "epoch  2/1000")
+        run.send_signal(signal.SIGINT)
+        out, err = finished(run)
     assert run.returncode == 130
     assert len(err.strip().splitlines()) == 1
     assert err.strip().startswith("interrupted: ")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cut", LESSON_CUTS)
 def test_the_lesson_cut_runs_without_unix_only_facilities(cut, tmp_path):
     with open(os.path.join(HERE, "mnist_train.py")) as f:
@@ -2637,8 +2686,8 @@ def test_the_lesson_cut_runs_without_unix_only_facilities(cut, tmp_path):
     script = "import pytest, torch, lesson\ntorch.manual_seed(0)\n" + LESSON_CUTS[cut]
     (tmp_path / "use_lesson.py").write_text(script)
     pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "cwd": tmp_path}
-    run = windows_like(tmp_path, str(tmp_path / "use_lesson.py"), **pipes)
-    _, err = finished(run)
+    with windows_like(tmp_path, str(tmp_path / "use_lesson.py"), **pipes) as run:
+        _, err = finished(run)
     assert run.returncode == 0, err
 
 
