@@ -1143,16 +1143,23 @@ def test_a_process_killed_while_saving_leaves_the_previous_file_whole(stall_afte
     assert saved["version"] == 1 and torch.equal(saved["big"], torch.full((1_000_000,), 1.0))
 
 
-@pytest.mark.slow
-def test_ctrl_c_in_a_real_process_exits_130_with_one_line(tmp_path):
-    data_dir = write_fake_mnist(tmp_path / "data", n_train=2000, n_test=20)
-    argv = [sys.executable, "-u", "mnist_train.py", *cli(tmp_path, data_dir, "--epochs", "1000")]
+def stop_a_real_run(tmp_path, n_train, epochs, after, sig):
+    """Run mnist_train.py in a child; send `sig` once a line starts with `after`: (status, stderr)."""
+    data_dir = write_fake_mnist(tmp_path / "data", n_train=n_train, n_test=20)
+    flags = cli(tmp_path, data_dir, "--epochs", str(epochs))
+    argv = [sys.executable, "-u", "mnist_train.py", *flags]
     pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
     with child(argv, cwd=HERE, **pipes) as process:
-        read_until(process, "epoch  2/1000")
-        process.send_signal(signal.SIGINT)
+        read_until(process, after)
+        process.send_signal(sig)
         _, err = finished(process, 60)
-    assert process.returncode == 130
+    return process.returncode, err
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_real_process_exits_130_with_one_line(tmp_path):
+    status, err = stop_a_real_run(tmp_path, 2000, 1000, "epoch  2/1000", signal.SIGINT)
+    assert status == 130
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert err.strip().startswith(f"interrupted: {tmp_path / 'checkpoint.pt'} holds epoch")
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] >= 2
@@ -1747,16 +1754,23 @@ def test_a_function_copied_with_what_the_readme_names_runs(names, tmp_path):
     assert done.returncode == 0, done.stderr
 
 
+def lesson_cut_in(folder, cut):
+    """Write mnist_train.py cut at `cut` as folder/lesson.py, and folder/use_lesson.py, which uses it."""
+    with open(os.path.join(HERE, "mnist_train.py")) as f:
+        text = f.read()
+    (folder / "lesson.py").write_text(text[: text.index(cut)])
+    assert "def main" not in (folder / "lesson.py").read_text()
+    script = "import pytest, torch, lesson\ntorch.manual_seed(0)\n" + LESSON_CUTS[cut]
+    (folder / "use_lesson.py").write_text(script)
+    return str(folder / "use_lesson.py")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("cut", LESSON_CUTS)
 def test_the_lesson_cut_out_of_the_file_runs_on_its_own(cut, tmp_path):
-    with open(os.path.join(HERE, "mnist_train.py")) as f:
-        text = f.read()
-    (tmp_path / "lesson.py").write_text(text[: text.index(cut)])
-    assert "def main" not in (tmp_path / "lesson.py").read_text()
     # A fresh interpreter in another folder: nothing of the machinery can be found there.
-    script = "import pytest, torch, lesson\ntorch.manual_seed(0)\n" + LESSON_CUTS[cut]
-    done = run_to_end([sys.executable, "-c", script], cwd=tmp_path)
+    script = lesson_cut_in(tmp_path, cut)
+    done = run_to_end([sys.executable, script], cwd=tmp_path)
     assert done.returncode == 0, done.stderr
 
 
@@ -2145,14 +2159,9 @@ def test_a_closed_or_full_stdout_stops_with_the_usual_line_and_the_checkpoint_sa
 
 @pytest.mark.slow
 def test_sighup_is_handled_like_sigterm(tmp_path):
-    data_dir = write_fake_mnist(tmp_path / "data", n_train=3000, n_test=20)
-    argv = [sys.executable, "-u", "mnist_train.py", *cli(tmp_path, data_dir, "--epochs", "100")]
-    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
-    with child(argv, cwd=HERE, **pipes) as job:
-        read_until(job, "epoch  1/100")
-        job.send_signal(signal.SIGHUP)  # the terminal closed
-        _, err = finished(job, 60)
-    assert job.returncode == 128 + signal.SIGHUP and err.count("\n") == 1, err
+    # SIGHUP: the terminal closed.
+    status, err = stop_a_real_run(tmp_path, 3000, 100, "epoch  1/100", signal.SIGHUP)
+    assert status == 128 + signal.SIGHUP and err.count("\n") == 1, err
     assert err.startswith(f"terminated by SIGHUP: {tmp_path / 'checkpoint.pt'} holds epoch ")
 
 
@@ -2680,13 +2689,9 @@ def test_without_unix_only_facilities_it_trains_resumes_predicts_and_stops_in_on
 @pytest.mark.slow
 @pytest.mark.parametrize("cut", LESSON_CUTS)
 def test_the_lesson_cut_runs_without_unix_only_facilities(cut, tmp_path):
-    with open(os.path.join(HERE, "mnist_train.py")) as f:
-        text = f.read()
-    (tmp_path / "lesson.py").write_text(text[: text.index(cut)])
-    script = "import pytest, torch, lesson\ntorch.manual_seed(0)\n" + LESSON_CUTS[cut]
-    (tmp_path / "use_lesson.py").write_text(script)
+    script = lesson_cut_in(tmp_path, cut)
     pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "cwd": tmp_path}
-    with windows_like(tmp_path, str(tmp_path / "use_lesson.py"), **pipes) as run:
+    with windows_like(tmp_path, script, **pipes) as run:
         _, err = finished(run)
     assert run.returncode == 0, err
 
