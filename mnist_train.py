@@ -1600,8 +1600,6 @@ def why_unreadable(error, path, what):
         return ": no such file"
     if isinstance(error, IsADirectoryError):
         return f" is a folder, not {what}"
-    if isinstance(error, PermissionError):
-        return ": permission denied"
     # weights_only=True refused to unpickle code.
     if "GLOBAL" in text:
         why = "only tensors and plain data load here"
