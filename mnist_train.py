@@ -27,6 +27,7 @@ Run:
     python mnist_train.py --resume                 # continue an interrupted run
     python mnist_train.py --val-size 0             # train on all 60,000 images, as the guide does
     python mnist_train.py --epochs 0 --load model.pth   # only evaluate saved weights
+    python mnist_train.py --epochs 0 --load model.pth --mistakes mistakes.png   # draw its misreads
     python mnist_train.py --predict my_seven.png        # read your own digit
     torchrun --standalone --nproc_per_node=2 mnist_train.py   # the same run on 2 processes
     # the same, where a lost worker costs an epoch:
@@ -54,7 +55,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 # Mean and standard deviation of the 60,000 training images' pixels (after /255); the
 # same values pytorch/examples and torchvision's Normalize recipes use.
@@ -261,11 +262,12 @@ def load(model, path):
     return model
 
 
-def atomic_save(obj, path):
+def atomic_save(obj, path, write=torch.save):
     """torch.save(obj, path) so that `path` always holds the old file or the new one, never half.
 
     Departure from the guide's bare torch.save: a crash, Ctrl-C or full disk mid-write would
-    leave a cut-off file. Errors are torch's and the OS's, raised as they come.
+    leave a cut-off file. Errors are torch's and the OS's, raised as they come. Another kind of
+    file is written the same way by another `write(obj, f)` (a picture's save, say).
     """
     # Through a link the user named, to the file it names.
     path = os.path.realpath(path)
@@ -282,7 +284,7 @@ def atomic_save(obj, path):
             with contextlib.suppress(OSError):
                 os.chmod(temporary, os.stat(path).st_mode & 0o7777)
             # 2) Write, and flush to disk before the name points at it; 3) rename over the target.
-            torch.save(obj, f)
+            write(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, path)
@@ -569,6 +571,9 @@ def resolve_settings(run, device):
             )
         # One run per checkpoint, until this one ends.
         run.lock = hold_lock(args.checkpoint)
+    # Evaluating too. An existing file there is replaced only if it is a picture drawn here.
+    if args.mistakes and run.master_process:
+        check_writable(args.mistakes, "--mistakes", read_mistakes_picture)
     checkpoint = None
     saved = DEFAULTS
     if args.resume:
@@ -677,9 +682,9 @@ def report(epoch, epochs, train_loss, val, seconds, images):
 
 
 def finish(run, model, loss_fn, test_set, history):
-    """Evaluate on the test set, the first time this run touches it; say where the model errs,
-    save the trained weights (step 6), say where; return the final metrics. With --epochs 0
-    --load: the whole confusion matrix."""
+    """Evaluate on the test set, the first time this run touches it; say where the model errs
+    (--mistakes: draw it), save the trained weights (step 6), say where; return the final
+    metrics. With --epochs 0 --load: the whole confusion matrix."""
     test_batches = iterate_batches(*test_set, EVAL_BATCH_SIZE)
     test_loss, accuracy = evaluate(model, test_batches, loss_fn)
     if not run.training:
@@ -691,6 +696,10 @@ def finish(run, model, loss_fn, test_set, history):
     confusion = confusion_matrix(model, test_batches)
     lines = class_report(confusion, whole_matrix=not run.training)
     print(*lines, sep="\n", flush=True)
+    # Where it errs, to look at: the misread digits of highest loss, drawn.
+    mistakes = None
+    if run.args.mistakes:
+        mistakes = draw_mistakes(run, model, test_set)
     if run.training:
         # One process writes the files.
         if run.master_process:
@@ -701,6 +710,7 @@ def finish(run, model, loss_fn, test_set, history):
     if dist.is_initialized():
         dist.barrier()
     metrics = {"test_loss": test_loss, "test_accuracy": accuracy, "confusion": confusion.tolist()}
+    metrics["mistakes"] = mistakes
     # With --epochs 0, run.epochs is 0 too.
     return {**metrics, "epochs": run.epochs, "history": history}
 
@@ -733,6 +743,100 @@ def class_report(confusion, whole_matrix=False):
             cells = "".join(f"{c:>{width}}" for c in row)
             lines.append(f"{label:>2}{cells}")
     return lines
+
+
+# ---------------------------------------------------------------------------
+# Looking at what it gets wrong: --mistakes draws the misread test digits
+# ---------------------------------------------------------------------------
+# Looking at the examples a model gets most wrong teaches more than its accuracy (fast.ai's
+# plot_top_losses). 32 digits, 8 a row: 690x402 px, a README's width at their own size.
+MISTAKES_SHOWN = 32
+MISTAKES_COLUMNS = 8
+# Each digit enlarged 3x, to 84x84 px, over a strip for its label.
+MISTAKES_SCALE = 3
+LABEL_HEIGHT = 14
+# A PNG text chunk marks a picture as drawn here: only such a file is replaced.
+DRAWN_BY = "mnist_train.py"
+
+
+def draw_mistakes(run, model, test_set):
+    """--mistakes: draw the misread test digits of highest loss into a PNG (one process writes)
+    and say which; return their indices in the test set, highest loss first.
+
+    Invariant (tested): the PNG holds exactly those digits, in that order, and the line names them.
+    """
+    x, y = test_set
+    indices, misread = worst_mistakes(model, x, y, MISTAKES_SHOWN)
+    if misread == 0:
+        print(f"mistakes: no test digit is misread: {run.args.mistakes} is not written", flush=True)
+        return []
+    if run.master_process:
+        picture = mistakes_picture(model, x[indices], y[indices])
+        with writing(run, run.args.mistakes):
+            atomic_save(picture, run.args.mistakes, write=save_png)
+    shown = ", ".join(str(i) for i in indices.tolist())
+    line = f"mistakes: {len(indices)} of the {misread} misread test digits, highest loss first, in"
+    print(f"{line} {run.args.mistakes}: test indices {shown}", flush=True)
+    return indices.tolist()
+
+
+def worst_mistakes(model, x, y, count):
+    """(the indices of at most `count` misread digits of (x, y), highest loss first, how many
+    are misread). Invariant (tested): all misread, and no misread digit left out has a higher
+    loss."""
+    model.eval()
+    # The whole test set in one pass: it is on the device already, and no graph is kept.
+    with torch.no_grad():
+        logits = model(x)
+    losses = F.cross_entropy(logits, y, reduction="none")
+    misread = (logits.argmax(1) != y).nonzero()[:, 0]
+    # Ties keep the test set's order (stable).
+    order = losses[misread].sort(descending=True, stable=True).indices
+    return misread[order[:count]], len(misread)
+
+
+def mistakes_picture(model, x, y):
+    """A grayscale grid of the digits `x`, enlarged, each labelled `true -> predicted (the
+    model's probability of it)`."""
+    # Imported here, not at the top: --predict never pays for importing torchvision.
+    from torchvision.transforms.functional import to_pil_image
+    from torchvision.utils import make_grid
+
+    confidences, predicted = predict(model, x).max(1)
+    # Back to pixels in [0, 1], then each pixel a square of 3x3 (nearest, the default).
+    digits = (x.cpu() * MNIST_STD + MNIST_MEAN).clamp(0, 1)
+    digits = F.interpolate(digits, scale_factor=MISTAKES_SCALE)
+    digits = F.pad(digits, (0, 0, 0, LABEL_HEIGHT))
+    # 2 px of gray around each cell.
+    grid = make_grid(digits, nrow=MISTAKES_COLUMNS, padding=2, pad_value=0.5)
+    # make_grid copies one channel into three: keep one.
+    picture = to_pil_image(grid[0])
+    draw = ImageDraw.Draw(picture)
+    labels = zip(y.tolist(), predicted.tolist(), confidences.tolist())
+    for i, (true, guess, confidence) in enumerate(labels):
+        row, column = divmod(i, MISTAKES_COLUMNS)
+        # Under the digit, 2 px in from its left edge; each cell has make_grid's 2 px around it.
+        left = column * (digits.shape[3] + 2) + 4
+        top = row * (digits.shape[2] + 2) + 2 + 28 * MISTAKES_SCALE
+        # Pillow's default font, there in every version: about 11 px high.
+        draw.text((left, top), f"{true} -> {guess} ({100 * confidence:.0f}%)", fill=255)
+    return picture
+
+
+def save_png(picture, f):
+    """atomic_save's `write` for a picture: a PNG that carries the DRAWN_BY mark."""
+    mark = PngImagePlugin.PngInfo()
+    mark.add_text("Software", DRAWN_BY)
+    picture.save(f, "PNG", pnginfo=mark)
+
+
+def read_mistakes_picture(path, device=None):
+    """check_writable's `read` for --mistakes: raise UserError unless `path` is a PNG drawn here
+    (`device`: unused; a picture is no tensor). Invariant (tested): another file is never replaced,
+    and one drawn here is, run after run."""
+    with reading(path, "an image"), Image.open(path) as picture:
+        if picture.format != "PNG" or picture.info.get("Software") != DRAWN_BY:
+            raise UserError(f"{path} is not a picture drawn by --mistakes")
 
 
 # ---------------------------------------------------------------------------
@@ -1126,6 +1230,7 @@ def parse_args(argv=None):
     add("--load", metavar="PATH", help="start from these saved weights")
     predict_help = "read the digit in each image with the model in --load"
     add("--predict", nargs="+", metavar="IMAGE", help=predict_help)
+    add("--mistakes", metavar="PATH", help="draw the worst-misread test digits into this PNG")
     args = parser.parse_args(argv)
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", args.device):
         parser.error(
@@ -1135,6 +1240,8 @@ def parse_args(argv=None):
         parser.error("--predict trains nothing: drop --resume")
     if args.predict and args.epochs:
         parser.error("--predict trains nothing: drop --epochs")
+    if args.predict and args.mistakes:
+        parser.error("--predict reads your images, not the test set: drop --mistakes")
     if args.predict and "RANK" in os.environ:
         parser.error("--predict reads a few images in one process: run it with python")
     if args.resume and args.load:
@@ -1318,7 +1425,7 @@ def resume_hint(run, go_on=None):
     # The flags the user gave; the checkpoint holds the rest.
     flags = ["--resume"]
     defaults = parse_args([])
-    for name in ("checkpoint", "data_dir", "save", "device", "epochs"):
+    for name in ("checkpoint", "data_dir", "save", "device", "epochs", "mistakes"):
         value = getattr(run.args, name)
         if value != getattr(defaults, name):
             flags += ["--" + name.replace("_", "-"), str(value)]

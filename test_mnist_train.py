@@ -663,6 +663,95 @@ def test_val_size_0_trains_on_every_image_and_validates_nothing(
     assert " val " not in capsys.readouterr().out.splitlines()[1]
 
 
+def misread_by_loss(model_path, data_dir):
+    """The oracle for --mistakes, one test digit at a time with the lesson's functions: {index:
+    loss} of each test digit the weights saved at `model_path` misread."""
+    model = mt.load(mt.build_model(), model_path)
+    loss_fn = mt.make_loss()
+    x, y = mt.load_mnist(data_dir, False, "cpu")
+    losses = {}
+    with torch.no_grad():
+        for i in range(len(y)):
+            logits = model(x[i : i + 1])
+            if logits.argmax() != y[i]:
+                losses[i] = float(loss_fn(logits, y[i : i + 1]))
+    return losses
+
+
+# One digit at a time and 100 at once sum in another order: losses agree to float rounding.
+LOSS_ROUNDING = 1e-5
+
+
+def assert_draws_the_worst_misread(metrics, out, picture_path, model_path, data_dir):
+    """The digits --mistakes drew (metrics["mistakes"]) are misread by the saved weights, as many
+    as there are up to MISTAKES_SHOWN, highest loss first, and no digit left out has a higher loss;
+    the printed line names them in that order; the PNG holds exactly those digits, in order."""
+    shown = metrics["mistakes"]
+    losses = misread_by_loss(model_path, data_dir)
+    assert set(shown) <= losses.keys()
+    assert len(shown) == min(mt.MISTAKES_SHOWN, len(losses))
+    ordered = [losses[i] for i in shown]
+    assert all(a >= b - LOSS_ROUNDING for a, b in zip(ordered, ordered[1:]))
+    left_out = [loss for i, loss in losses.items() if i not in shown]
+    assert all(loss <= ordered[-1] + LOSS_ROUNDING for loss in left_out)
+    line = [line for line in out if line.startswith("mistakes: ")]
+    assert line == [
+        f"mistakes: {len(shown)} of the {len(losses)} misread test digits, highest loss first, "
+        f"in {picture_path}: test indices {', '.join(str(i) for i in shown)}"
+    ]
+    # A grid of 8 a row, each digit 3x (84x84) over its label, 2 px around each: exactly the
+    # cells of the digits shown, and in each, one pixel of every 3x3 square is the digit's.
+    side = 28 * mt.MISTAKES_SCALE
+    cell_width = side + 2
+    cell_height = side + mt.LABEL_HEIGHT + 2
+    columns = min(len(shown), mt.MISTAKES_COLUMNS)
+    rows = math.ceil(len(shown) / mt.MISTAKES_COLUMNS)
+    with Image.open(picture_path) as picture:
+        assert picture.format == "PNG"
+        assert picture.size == (columns * cell_width + 2, rows * cell_height + 2)
+        pixels = torchvision.transforms.functional.pil_to_tensor(picture.convert("L"))[0]
+    images, _ = learnable_images(100, 1)  # the test split write_fake_mnist wrote
+    for n, i in enumerate(shown):
+        row, column = divmod(n, mt.MISTAKES_COLUMNS)
+        top = 2 + row * cell_height
+        left = 2 + column * cell_width
+        cell = pixels[top : top + side : mt.MISTAKES_SCALE, left : left + side : mt.MISTAKES_SCALE]
+        # Normalized and back, a pixel may come out one level darker.
+        assert (cell.int() - images[i].int()).abs().max() <= 1, (n, i)
+
+
+def test_mistakes_draws_the_misread_test_digits_of_highest_loss_first(fake_mnist, tmp_path, capsys):
+    # At this learning rate one epoch leaves 11 of the 100 test digits misread: all are drawn.
+    picture = tmp_path / "mistakes.png"
+    flags = ["--epochs", "1", "--lr", "7e-4", "--mistakes", str(picture)]
+    metrics = mt.main(cli(tmp_path, fake_mnist, *flags))
+    out = capsys.readouterr().out.splitlines()
+    assert 0 < len(metrics["mistakes"]) < mt.MISTAKES_SHOWN
+    assert_draws_the_worst_misread(metrics, out, picture, tmp_path / "model.pth", fake_mnist)
+    assert out[-1].startswith("test accuracy ")
+
+
+def test_mistakes_of_saved_weights_are_drawn_with_epochs_0(fake_mnist, tmp_path, capsys):
+    # Untrained weights misread 92 of the 100 test digits: the 32 of highest loss are drawn.
+    torch.manual_seed(0)
+    mt.save(mt.build_model(), tmp_path / "untrained.pth")
+    picture = tmp_path / "mistakes.png"
+    flags = ["--epochs", "0", "--load", str(tmp_path / "untrained.pth"), "--mistakes", str(picture)]
+    metrics = mt.main(cli(tmp_path, fake_mnist, *flags))
+    out = capsys.readouterr().out.splitlines()
+    assert len(metrics["mistakes"]) == mt.MISTAKES_SHOWN
+    assert_draws_the_worst_misread(metrics, out, picture, tmp_path / "untrained.pth", fake_mnist)
+
+
+def test_mistakes_with_no_digit_misread_draws_nothing_and_says_so(fake_mnist, tmp_path, capsys):
+    picture = tmp_path / "mistakes.png"
+    metrics = mt.main(cli(tmp_path, fake_mnist, "--epochs", "1", "--mistakes", str(picture)))
+    assert metrics["test_accuracy"] == 1 and metrics["mistakes"] == []
+    out = capsys.readouterr().out.splitlines()
+    assert f"mistakes: no test digit is misread: {picture} is not written" in out
+    assert not os.path.exists(picture)
+
+
 def train_on_real_mnist(folder, seed):
     """The README's run, 5 epochs of the defaults on the CPU; return main's metrics, with the test
     accuracy its final line printed ("test accuracy 98.14% | model saved to ..."): the figure a user
@@ -1347,6 +1436,7 @@ def test_a_digit_photographed_close_on_ruled_or_shaded_paper_prepares_as_on_clea
         (["--predict", "seven.png", "--epochs", "3"], "--predict trains nothing: drop --epochs"),
         (["--cuda-graph"], "unrecognized arguments: --cuda-graph"),
         (["--predict"], "expected at least one argument"),
+        (["--predict", "seven.png", "--mistakes", "m.png"], "drop --mistakes"),
     ],
 )
 def test_bad_flags_are_usage_errors(flags, complaint, capsys):
@@ -1550,7 +1640,7 @@ def test_weights_that_are_not_finite_floats_are_refused(weights, fake_mnist, tmp
     assert status == 1 and "fc3.weight is not a finite floating-point tensor" in err
 
 
-@pytest.mark.parametrize("flag", ["--save", "--checkpoint"])
+@pytest.mark.parametrize("flag", ["--save", "--checkpoint", "--mistakes"])
 @pytest.mark.parametrize("where", ["missing-folder/out.pth", "a-file/out.pth", "."])
 def test_unwritable_outputs_are_refused_before_training(
     flag, where, fake_mnist, tmp_path, capsys, monkeypatch
@@ -1565,11 +1655,51 @@ def test_unwritable_outputs_are_refused_before_training(
     if where == ".":  # a folder: never replaced
         assert (
             status == 1
-            and "is a folder, not a " in err
+            and "is a folder, not a" in err
             and err.rstrip().endswith(f"pick another {flag}")
         )
     else:
         assert status == 1 and err.startswith(f"error: {flag} {tmp_path / where}")
+
+
+def test_mistakes_into_a_missing_folder_is_refused_before_evaluating(
+    fake_mnist, tmp_path, capsys, monkeypatch
+):
+    mt.save(mt.build_model(), tmp_path / "model.pth")
+    monkeypatch.setattr(
+        mt, "load_mnist", lambda *args, **kwargs: pytest.fail("loaded data before checking outputs")
+    )
+    picture = tmp_path / "missing-folder" / "mistakes.png"
+    flags = ["--epochs", "0", "--load", str(tmp_path / "model.pth"), "--mistakes", str(picture)]
+    status, err = run_main_expecting_exit(cli(tmp_path, fake_mnist, *flags), capsys)
+    assert status == 1
+    folder = picture.parent
+    assert err == f"error: --mistakes {picture} cannot be written: folder {folder} does not exist\n"
+
+
+def test_mistakes_never_replaces_a_file_it_did_not_draw_but_redraws_its_own(
+    fake_mnist, tmp_path, capsys
+):
+    torch.manual_seed(0)
+    mt.save(mt.build_model(), tmp_path / "untrained.pth")
+    flags = ["--epochs", "0", "--load", str(tmp_path / "untrained.pth"), "--mistakes"]
+    Image.new("L", (84, 84)).save(tmp_path / "photo.png")
+    (tmp_path / "notes.png").write_text("my notes")
+    for name in ["photo.png", "notes.png"]:
+        before = (tmp_path / name).read_bytes()
+        argv = cli(tmp_path, fake_mnist, *flags, str(tmp_path / name))
+        status, err = run_main_expecting_exit(argv, capsys)
+        assert status == 1 and err.count("\n") == 1
+        assert err.endswith("; not overwriting it: move it away or pick another --mistakes\n")
+        assert (tmp_path / name).read_bytes() == before
+    # A picture drawn here is drawn again, run after run: here, another model's mistakes.
+    picture = tmp_path / "mistakes.png"
+    first = mt.main(cli(tmp_path, fake_mnist, *flags, str(picture)))["mistakes"]
+    drawn = picture.read_bytes()
+    torch.manual_seed(1)
+    mt.save(mt.build_model(), tmp_path / "untrained.pth")
+    second = mt.main(cli(tmp_path, fake_mnist, *flags, str(picture)))["mistakes"]
+    assert first != second and picture.read_bytes() != drawn
 
 
 @pytest.mark.skipif(os.name != "posix", reason="FIFOs")
@@ -2292,10 +2422,10 @@ import mnist_train as mt
 
 rank, real_atomic_save = os.environ["RANK"], mt.atomic_save
 
-def logged_atomic_save(obj, path):
+def logged_atomic_save(obj, path, **write):
     with open(os.environ["WRITES_LOG"], "a") as log:
         log.write(f"{rank} {path}\\n")
-    real_atomic_save(obj, path)
+    real_atomic_save(obj, path, **write)
 
 def data_broken_here(*args, **kwargs):
     raise mt.UserError(f"process {rank}'s copy of MNIST is corrupt")
@@ -2394,14 +2524,14 @@ def ours(stderr):
 @pytest.fixture(scope="module")
 def two_process_job(tmp_path_factory):
     """(data folder, the job's folder, its CompletedProcess, its final weights) of an uninterrupted
-    job of two processes, 2 epochs: the tests of torchrun compare with it."""
+    job of two processes, 2 epochs, drawing its mistakes: the tests of torchrun compare with it."""
     folder = tmp_path_factory.mktemp("torchrun")
     data_dir = write_uneven_mnist(folder / "data")
     two = folder / "two"
     two.mkdir()
-    done, _ = torchrun(
-        folder, cli(two, data_dir, "--epochs", "2")
-    )  # 62 trained on: batches of 32 and 30, split evenly
+    # 62 trained on: batches of 32 and 30, split evenly.
+    flags = ["--epochs", "2", "--mistakes", str(two / "mistakes.png")]
+    done, _ = torchrun(folder, cli(two, data_dir, *flags))
     assert done.returncode == 0, done.stderr
     return data_dir, folder, done, torch.load(two / "model.pth")
 
@@ -2415,12 +2545,15 @@ def test_torchrun_with_two_processes_follows_one_process(two_process_job, tmp_pa
     one.mkdir()
     flags = ["--epochs", "2"]
 
-    # One voice: rank 0 prints the header, each epoch, the per-digit report and the final
-    # line, once; it alone writes.
+    # One voice: rank 0 prints the header, each epoch, the per-digit report, the mistakes and the
+    # final line, once; it alone writes, the picture of the mistakes too.
     out = done.stdout.splitlines()
-    assert len(out) == 6 and out[0].endswith("2 epochs, 2 processes under torchrun"), out
+    assert len(out) == 7 and out[0].endswith("2 epochs, 2 processes under torchrun"), out
     assert [line.split()[1] for line in out[1:3]] == ["1/2", "2/2"]
-    assert {line.split()[0] for line in (folder / "writes.log").read_text().splitlines()} == {"0"}
+    assert out[5].startswith("mistakes: ") and out[5].count(str(two / "mistakes.png")) == 1
+    writes = (folder / "writes.log").read_text().splitlines()
+    assert {line.split()[0] for line in writes} == {"0"}
+    assert writes.count(f"0 {two / 'mistakes.png'}") == 1
     assert not worker_tracebacks(done.stderr)
 
     # The plain model's state_dict (no "module."), equal to one process's up to float rounding.

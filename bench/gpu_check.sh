@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Everything the CUDA path needs proven, in one run on a GPU machine (about 5 minutes on an H200):
 # the test suite (its cuda cases run there, bench/cuda_graph.py's among them), the headline
-# command on real MNIST, the same under torchrun (one process, NCCL), a torchrun restart after a
-# kill, --predict on the GPU, and the benchmark (its way (d) replays each step as a CUDA graph).
+# command on real MNIST (drawing its misread test digits, --mistakes), the same under torchrun
+# (one process, NCCL), a torchrun restart after a kill, --predict on the GPU, and the benchmark
+# (its way (d) replays each step as a CUDA graph).
 # Usage: bash bench/gpu_check.sh PATH/TO/DATA [OUT_DIR]
 # where PATH/TO/DATA holds MNIST/raw/. Logs go to OUT_DIR (default: a temporary folder);
-# weights and checkpoints to a temporary folder beside them, so OUT_DIR holds only logs.
+# weights and checkpoints to a temporary folder beside them, so OUT_DIR holds only logs and
+# the picture of the mistakes.
 set -uo pipefail
 data=${1:?usage: bash bench/gpu_check.sh PATH/TO/DATA [OUT_DIR]}
 out=${2:-$(mktemp -d)}
@@ -21,7 +23,7 @@ train() {  # train LOG NAME [FLAGS...]: the headline command, its files named NA
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$out/gpu.txt"
 MNIST_DATA_DIR="$data" python -m pytest -q -rs 2>&1 | tee "$out/tests.txt"
-train headline.txt model python mnist_train.py
+train headline.txt model python mnist_train.py --mistakes "$out/mistakes.png"
 train torchrun.txt model-torchrun python -m torch.distributed.run --standalone --nproc_per_node=1 mnist_train.py
 # torchrun's restart on NCCL: one process, killed (SIGKILL) once epoch 2 is checkpointed; torchrun
 # restarts it, it resumes this job's checkpoint and ends with exit status 0 (the last line says).
