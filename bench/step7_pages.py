@@ -9,12 +9,23 @@ prepare_photo and predict, the way --predict reads a file:
     ruled      blue ink on a notebook page: light blue lines 28 px apart and a red margin line, PNG
     shadow     dark ink on paper lit unevenly, a soft shadow's edge across the page, JPEG quality 75
     fine pen   the same strokes thinned to about 3 px (drawn: a 2-4 px pen) on a 640x480 page, PNG
+    hard shadow  under one lamp, the sharp shadow of a phone or a hand: a straight edge at any
+               angle, blurred 1-3 px, the paper in it 25-45% darker, JPEG quality 75
+
+and, with no digit at all, pages that must be refused or answered unsure:
+
+    blank hard shadow   a hard shadow's edge and nothing else
+    blank ruled         a notebook page's lines and margin
+    blank frame         a dark frame around white paper, as a page photographed on a dark table
 
 Run: python bench/step7_pages.py --data-dir ./data --load model.pth [--count 500]
-        [--source mnist|strokes|both]
+        [--source mnist|strokes|both] [--first 0] [--seed 0]
+
+--first and --seed draw other digits and other pages: held out from the ones rules were tuned on.
 """
 
 import argparse
+import math
 import os
 import sys
 import tempfile
@@ -54,6 +65,15 @@ def page(kind, ink, g, margin=60):
         paper[:, 20::28, :] = torch.tensor([0.65, 0.8, 0.95])[:, None, None]  # light blue lines
         paper[:, :, 40:42] = torch.tensor([0.9, 0.4, 0.4])[:, None, None]  # the red margin
         colour = torch.tensor([0.1, 0.15, 0.6])  # blue ink
+    if kind.endswith("hard shadow"):
+        paper = paper * lamp_and_hard_shadow(height, width, g)[None]
+    if kind == "blank ruled":
+        paper[:, 20::28, :] = torch.tensor([0.65, 0.8, 0.95])[:, None, None]
+        paper[:, :, 40:42] = torch.tensor([0.9, 0.4, 0.4])[:, None, None]
+    if kind == "blank frame":
+        band = int(torch.randint(4, 20, (), generator=g))
+        paper = torch.full_like(paper, 0.15)  # the dark table
+        paper[:, band:-band, band:-band] = 1
     if kind == "shadow":
         rows = torch.linspace(0, 1, height)[:, None]
         cols = torch.linspace(0, 1, width)[None, :]
@@ -61,6 +81,8 @@ def page(kind, ink, g, margin=60):
         edge = torch.rand((), generator=g) * 0.6 + 0.2
         shadow = torch.sigmoid((rows + 0.5 * cols - edge - 0.3) / 0.03)  # a soft edge, diagonal
         paper = paper * (light - 0.35 * shadow)[None]
+    if kind.startswith("blank"):
+        return paper.clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0)
     top = int(torch.randint(0, height - ink.shape[0] + 1, (), generator=g))
     left = int(
         torch.randint(50 if kind == "ruled" else 0, width - ink.shape[1] + 1, (), generator=g)
@@ -70,6 +92,31 @@ def page(kind, ink, g, margin=60):
         region * (1 - ink) + colour[:, None, None] * ink
     )
     return paper.clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0)
+
+
+def hard_shadow(height, width, angle, depth, blur=2, through=(0.5, 0.5)):
+    """How much light falls on a page [H, W] under the sharp shadow of a phone or a hand: a
+    straight edge through `through` (fractions of the height and width) at `angle` (radians),
+    blurred `blur` px, the paper beyond it `depth` darker."""
+    rows = torch.arange(height)[:, None].float() - through[0] * height
+    cols = torch.arange(width)[None, :].float() - through[1] * width
+    beyond = cols * math.cos(angle) + rows * math.sin(angle)
+    # A blur of sigma s px across the edge is close to a logistic of scale s / 1.7.
+    return 1 - depth * torch.sigmoid(beyond / (blur / 1.7))
+
+
+def lamp_and_hard_shadow(height, width, g):
+    """The light on a page [H, W] under one lamp, falling off across it, with a hard shadow at a
+    drawn angle, blur (1-3 px) and depth (25-45%)."""
+    r = lambda a, b: a + (b - a) * torch.rand((), generator=g).item()  # noqa: E731
+    rows = torch.arange(height)[:, None].float()
+    cols = torch.arange(width)[None, :].float()
+    lamp = (r(0, width), r(0, height))
+    falloff = ((cols - lamp[0]) ** 2 + (rows - lamp[1]) ** 2).sqrt() / max(height, width)
+    light = 1 - r(0.05, 0.2) * falloff
+    angle = r(0, 2 * math.pi)
+    through = (r(0.2, 0.8), r(0.2, 0.8))
+    return light * hard_shadow(height, width, angle, r(0.25, 0.45), r(1, 3), through)
 
 
 # Digits drawn from strokes in a unit box (x right, y down): polylines and arcs of ellipses
@@ -144,17 +191,22 @@ def cropped(ink):
     return ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
 
 
-def pictures(sources, count, data_dir, folder):
-    """(source, kind, label, picture) for `count` digits of each source on every kind of page, as
-    files read back."""
+def pictures(sources, count, first, seed, data_dir, folder):
+    """(source, kind, label, picture) for `count` digits of each source on every kind of page, and
+    `count` blank pages of each kind (source "blank", label None), as files read back."""
     test = datasets.MNIST(data_dir, train=False)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
+    # Kinds added later draw from a stream of their own: the older kinds' pages stay as they were.
+    later = torch.Generator().manual_seed(seed + 1)
     for source in sources:
-        for i in range(count):
+        for i in range(first, first + count):
             label = int(test.targets[i]) if source == "mnist" else i % 10
             scale = 4 + 2 * torch.rand((), generator=g).item()
             pen = torch.rand((), generator=g).item() if source == "strokes" else 0
             for kind in KINDS:
+                stream = g
+                if kind not in FIRST_KINDS:
+                    stream = later
                 fine = kind == "fine pen"
                 if source == "mnist":
                     ink = ink_of(test.data[i], 10 if fine else scale, thin=4 if fine else 0)
@@ -163,15 +215,32 @@ def pictures(sources, count, data_dir, folder):
                     # fine-pen page, 2-4 px.
                     height = round(40 * scale if fine else 20 * scale)
                     ink = drawn_ink(
-                        label, height, 2 + 2 * pen if fine else height * (0.03 + 0.17 * pen), g
+                        label, height, 2 + 2 * pen if fine else height * (0.03 + 0.17 * pen), stream
                     )
-                path = os.path.join(folder, "page.jpg" if kind == "shadow" else "page.png")
-                options = {"quality": 75} if kind == "shadow" else {}
-                Image.fromarray(page(kind, ink, g).numpy(), "RGB").save(path, **options)
-                yield source, kind, label, mt.read_image(path)
+                yield source, kind, label, read_back(page(kind, ink, stream), kind, folder)
+    for _ in range(count):
+        # As large as a digit's page would be.
+        size = round(28 * (4 + 2 * torch.rand((), generator=later).item()))
+        for kind in BLANKS:
+            blank = page(kind, torch.zeros(size, size), later)
+            yield "blank", kind, None, read_back(blank, kind, folder)
 
 
-KINDS = ["clean", "ruled", "shadow", "fine pen"]
+def read_back(pixels, kind, folder):
+    """`pixels` (uint8 [H, W, 3]) written as a file, JPEG for the shadows, and read as --predict
+    reads it."""
+    path = os.path.join(folder, "page.png")
+    options = {}
+    if "shadow" in kind:
+        path = os.path.join(folder, "page.jpg")
+        options = {"quality": 75}
+    Image.fromarray(pixels.numpy(), "RGB").save(path, **options)
+    return mt.read_image(path)
+
+
+FIRST_KINDS = ["clean", "ruled", "shadow", "fine pen"]
+KINDS = FIRST_KINDS + ["hard shadow"]
+BLANKS = ["blank hard shadow", "blank ruled", "blank frame"]
 
 
 def main(argv=None):
@@ -180,32 +249,57 @@ def main(argv=None):
     parser.add_argument("--load", default="model.pth")
     parser.add_argument("--count", type=int, default=500, help="digits of each source")
     parser.add_argument("--source", choices=["mnist", "strokes", "both"], default="both")
+    parser.add_argument("--first", type=int, default=0, help="the first MNIST test digit used")
+    parser.add_argument("--seed", type=int, default=0, help="draws the pages")
     args = parser.parse_args(argv)
     model = mt.load(mt.build_model(), args.load)
     sources = ["mnist", "strokes"] if args.source == "both" else [args.source]
-    correct = {(s, k): 0 for s in sources for k in KINDS}
+    # Each page's (label, answer, confidence); answer None: refused (no ink, only a frame).
+    answers = {}
     with tempfile.TemporaryDirectory() as folder:
-        for source, kind, label, picture in pictures(sources, args.count, args.data_dir, folder):
+        found = pictures(sources, args.count, args.first, args.seed, args.data_dir, folder)
+        for source, kind, label, picture in found:
+            answer = None
+            confidence = 0.0
             try:
-                correct[source, kind] += (
-                    int(mt.predict(model, mt.prepare_photo(picture)[None]).argmax()) == label
-                )
-            except ValueError:  # no ink found: a miss
+                probabilities = mt.predict(model, mt.prepare_photo(picture)[None])[0]
+                answer = int(probabilities.argmax())
+                confidence = float(probabilities.max())
+            except ValueError:
                 pass
+            answers.setdefault((source, kind), []).append((label, answer, confidence))
     print(
-        f"step 7 on pages: {args.count} digits of each source, model {args.load}, "
-        f"torch {torch.__version__}"
+        f"step 7 on pages: {args.count} digits of each source (from test digit {args.first}), "
+        f"seed {args.seed}, model {args.load}, torch {torch.__version__}"
     )
-    print("| page | " + " | ".join(sources) + (" | all |" if len(sources) > 1 else " |"))
-    print("|---|" + "---:|" * (len(sources) + (len(sources) > 1)))
+    print("| page | " + " | ".join(sources) + " | all | misread at 90%+ | misread, not unsure |")
+    print("|---|" + "---:|" * (len(sources) + 3))
     for kind in KINDS + ["all"]:
-        hits = [sum(correct[s, k] for k in (KINDS if kind == "all" else [kind])) for s in sources]
-        n = args.count * (len(KINDS) if kind == "all" else 1)
-        cells = [f"{100 * h / n:.1f}%" for h in hits] + [
-            f"{100 * sum(hits) / n / len(sources):.1f}%"
-        ] * (len(hits) > 1)
+        kinds = [kind]
+        if kind == "all":
+            kinds = KINDS
+        cells = []
+        every = []
+        for source in sources:
+            pages = [a for k in kinds for a in answers[source, k]]
+            every += pages
+            cells.append(f"{100 * sum(a[0] == a[1] for a in pages) / len(pages):.1f}%")
+        cells.append(f"{100 * sum(a[0] == a[1] for a in every) / len(every):.1f}%")
+        wrong = [a for a in every if a[1] is not None and a[1] != a[0]]
+        cells.append(str(sum(a[2] >= 0.9 for a in wrong)))
+        cells.append(str(sum(a[2] >= mt.UNSURE_BELOW for a in wrong)))
         print(f"| {kind} | " + " | ".join(cells) + " |")
-    return correct
+    print()
+    print("| blank page | refused | unsure | refused or unsure | most confident answer |")
+    print("|---|---:|---:|---:|---:|")
+    for kind in BLANKS:
+        pages = answers["blank", kind]
+        refused = sum(a[1] is None for a in pages)
+        unsure = sum(a[1] is not None and a[2] < mt.UNSURE_BELOW for a in pages)
+        both = 100 * (refused + unsure) / len(pages)
+        top = max(a[2] for a in pages)
+        print(f"| {kind} | {refused} | {unsure} | {both:.1f}% | {100 * top:.1f}% |")
+    return answers
 
 
 if __name__ == "__main__":
