@@ -61,15 +61,12 @@ def page(kind, ink, g, margin=60):
     )
     paper = torch.ones(3, height, width)
     colour = torch.tensor([0.05, 0.05, 0.05])
-    if kind == "ruled":
+    if kind.endswith("ruled"):
         paper[:, 20::28, :] = torch.tensor([0.65, 0.8, 0.95])[:, None, None]  # light blue lines
         paper[:, :, 40:42] = torch.tensor([0.9, 0.4, 0.4])[:, None, None]  # the red margin
         colour = torch.tensor([0.1, 0.15, 0.6])  # blue ink
     if kind.endswith("hard shadow"):
         paper = paper * lamp_and_hard_shadow(height, width, g)[None]
-    if kind == "blank ruled":
-        paper[:, 20::28, :] = torch.tensor([0.65, 0.8, 0.95])[:, None, None]
-        paper[:, :, 40:42] = torch.tensor([0.9, 0.4, 0.4])[:, None, None]
     if kind == "blank frame":
         band = int(torch.randint(4, 20, (), generator=g))
         paper = torch.full_like(paper, 0.15)  # the dark table
@@ -81,16 +78,16 @@ def page(kind, ink, g, margin=60):
         edge = torch.rand((), generator=g) * 0.6 + 0.2
         shadow = torch.sigmoid((rows + 0.5 * cols - edge - 0.3) / 0.03)  # a soft edge, diagonal
         paper = paper * (light - 0.35 * shadow)[None]
-    if kind.startswith("blank"):
-        return paper.clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0)
-    top = int(torch.randint(0, height - ink.shape[0] + 1, (), generator=g))
-    left = int(
-        torch.randint(50 if kind == "ruled" else 0, width - ink.shape[1] + 1, (), generator=g)
-    )
-    region = paper[:, top : top + ink.shape[0], left : left + ink.shape[1]]
-    paper[:, top : top + ink.shape[0], left : left + ink.shape[1]] = (
-        region * (1 - ink) + colour[:, None, None] * ink
-    )
+    # A blank page has no digit, and draws no place for one.
+    if not kind.startswith("blank"):
+        top = int(torch.randint(0, height - ink.shape[0] + 1, (), generator=g))
+        left = int(
+            torch.randint(50 if kind == "ruled" else 0, width - ink.shape[1] + 1, (), generator=g)
+        )
+        region = paper[:, top : top + ink.shape[0], left : left + ink.shape[1]]
+        paper[:, top : top + ink.shape[0], left : left + ink.shape[1]] = (
+            region * (1 - ink) + colour[:, None, None] * ink
+        )
     return paper.clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0)
 
 
@@ -105,18 +102,24 @@ def hard_shadow(height, width, angle, depth, blur=2, through=(0.5, 0.5)):
     return 1 - depth * torch.sigmoid(beyond / (blur / 1.7))
 
 
+def uniform(low, high, g):
+    """A number drawn evenly between `low` and `high` with the generator `g`."""
+    return low + (high - low) * torch.rand((), generator=g).item()
+
+
 def lamp_and_hard_shadow(height, width, g):
     """The light on a page [H, W] under one lamp, falling off across it, with a hard shadow at a
     drawn angle, blur (1-3 px) and depth (25-45%)."""
-    r = lambda a, b: a + (b - a) * torch.rand((), generator=g).item()  # noqa: E731
     rows = torch.arange(height)[:, None].float()
     cols = torch.arange(width)[None, :].float()
-    lamp = (r(0, width), r(0, height))
+    lamp = (uniform(0, width, g), uniform(0, height, g))
     falloff = ((cols - lamp[0]) ** 2 + (rows - lamp[1]) ** 2).sqrt() / max(height, width)
-    light = 1 - r(0.05, 0.2) * falloff
-    angle = r(0, 2 * math.pi)
-    through = (r(0.2, 0.8), r(0.2, 0.8))
-    return light * hard_shadow(height, width, angle, r(0.25, 0.45), r(1, 3), through)
+    light = 1 - uniform(0.05, 0.2, g) * falloff
+    angle = uniform(0, 2 * math.pi, g)
+    through = (uniform(0.2, 0.8, g), uniform(0.2, 0.8, g))
+    depth = uniform(0.25, 0.45, g)
+    blur = uniform(1, 3, g)
+    return light * hard_shadow(height, width, angle, depth, blur, through)
 
 
 # Digits drawn from strokes in a unit box (x right, y down): polylines and arcs of ellipses
@@ -156,8 +159,7 @@ def strokes(digit, style):
 def drawn_ink(digit, height, pen, g):
     """Ink in [0, 1] of `digit` drawn `height` px tall with a `pen` px wide pen: random style,
     slant, width, jitter."""
-    r = lambda a, b: a + (b - a) * torch.rand((), generator=g).item()  # noqa: E731
-    width, slant, jitter = r(0.5, 0.85) * height, r(-0.1, 0.3), 0.03 * height
+    width, slant, jitter = uniform(0.5, 0.85, g) * height, uniform(-0.1, 0.3, g), 0.03 * height
     segments = []
     for line in strokes(digit, int(torch.randint(3, (), generator=g))):
         p = torch.tensor(line) * torch.tensor([width, height])
