@@ -709,8 +709,12 @@ def finish(run, model, loss_fn, test_set, history):
     # Leave together: a process that tears its connections down early can abort the others.
     if dist.is_initialized():
         dist.barrier()
-    metrics = {"test_loss": test_loss, "test_accuracy": accuracy, "confusion": confusion.tolist()}
-    metrics["mistakes"] = mistakes
+    metrics = {
+        "test_loss": test_loss,
+        "test_accuracy": accuracy,
+        "confusion": confusion.tolist(),
+        "mistakes": mistakes,
+    }
     # With --epochs 0, run.epochs is 0 too.
     return {**metrics, "epochs": run.epochs, "history": history}
 
