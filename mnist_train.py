@@ -364,6 +364,12 @@ def ink_on_black(image):
     if 0.25 < level < 0.75:
         border = torch.cat([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
         level = (border.median() - darkest) / contrast
+        # So is paper half in a deep shadow, as gray as the middle of the range: then the lit paper
+        # along the border, near the light end, says it is paper.
+        near_light = (border > darkest + 0.75 * contrast).sum()
+        near_dark = (border < darkest + 0.25 * contrast).sum()
+        if near_light > near_dark:
+            return 1 - gray
     return 1 - gray if level > 0.5 else gray
 
 
@@ -996,6 +1002,9 @@ def read_image(path):
     return pixels.view(picture.height, picture.width, -1).permute(2, 0, 1)
 
 
+# The paper is found on a map this small: fine enough to keep a shadow's edge a step, coarse
+# enough to be quick (it is made sharp again at full size).
+PAPER_SIDE = 128
 # The digit's pieces are found on a map this small (specks and strokes survive).
 PIECES_SIDE = 64
 # In 28x28, 90% of MNIST's training digits have strokes at least this wide (px; median 2.36).
@@ -1005,16 +1014,21 @@ THINNEST_STROKE = 1.75
 def prepare_photo(image):
     """A photo of one digit on a page -> the model's input: prepare_digit's steps, with the page
     cleaned first (its level under shadows, ruled lines and margins; specks, a dark frame; strokes
-    thinner than MNIST's). Raises ValueError for a page with no ink, or only a dark frame.
+    thinner than MNIST's). Raises ValueError for a page with no ink (blank, though ruled or under
+    a shadow), or only a dark frame.
 
-    Invariants (tested): a digit on a ruled page, under a shadow, in a fine pen or cropped tight
-    prepares like the same digit on clean paper.
+    Invariants (tested): a digit on a ruled page, under a soft or hard shadow, in a fine pen or
+    cropped tight prepares like the same digit on clean paper; a blank page under a hard shadow is
+    refused.
     """
     # 1) Gray, white ink on black, as for a clean picture.
     ink = ink_on_black(image)
     # 2) Take away the paper's level under each pixel, then divide by its brightness (at most
     #    5x): a shadow dims the ink's contrast as much as the paper.
     level = paper_level(ink)
+    # Ink stands out from the paper by MIN_INK before the division too: on a blank page under a
+    # shadow, the paper's grain divided by dim paper would pass for ink.
+    drop_faint_marks(ink - level)
     ink = drop_faint_marks((ink - level) / (1 - level).clamp(min=0.2))
     # 3) Keep the digit: drop specks (pieces under a tenth of the largest's ink) and a dark frame.
     ink = ink * digit_pieces(ink)
@@ -1027,28 +1041,33 @@ def prepare_photo(image):
 def paper_level(ink):
     """The level of the paper under each pixel of `ink` (ink bright, paper dark): its surface
     under light and shadow, plus the ruled lines and margin printed across it."""
-    # The darkest pixel of each of 32x32 cells, then openings: a shape narrower than 5 cells
-    # goes from `paper` (a stroke), a wider one stays (a shadow's edge); `wide` keeps only wider
-    # than 19.
-    cells = -F.adaptive_max_pool2d(-ink[None, None], 32)
-    paper = opening(cells, 5)
-    wide = opening(cells, 19)
+    # The picture averaged down to at most PAPER_SIDE a side, then openings: a shape narrower than
+    # 5/32 of the side goes from `paper` (a stroke), a wider one stays (a shadow); `wide` keeps
+    # only wider than 19/32.
+    shrink = math.ceil(max(ink.shape) / PAPER_SIDE)
+    small = F.avg_pool2d(ink[None, None], shrink, ceil_mode=True)[0, 0]
+    side = max(small.shape)
+    paper = opening(small, 2 * round(5 / 64 * side) + 1)
+    wide = opening(small, 2 * round(19 / 64 * side) + 1)
     darkest = paper.min()
     strength = ink.max() - darkest
     flat = torch.full_like(ink, float(darkest))
-    # A bold digit cropped tight has strokes wider than 5 cells, and its strong ink reaches across
-    # the picture. If paper rises 60% of the ink's strength in shapes narrower than 19 cells, those
+    # A bold digit cropped tight has strokes wider than 5/32, and its strong ink reaches across
+    # the picture. If paper rises 50% of the ink's strength in shapes narrower than 19/32, those
     # are its bars: the paper is flat, and there are no ruled lines to take out.
     strong = ink > darkest + strength / 2
     top_to_bottom = strong[0].any() and strong[-1].any()
     side_to_side = strong[:, 0].any() and strong[:, -1].any()
-    if (top_to_bottom or side_to_side) and (paper - wide).max() > 0.6 * strength:
+    if (top_to_bottom or side_to_side) and (paper - wide).max() > 0.5 * strength:
         return flat
+    # Back at full size, the map's pixels blur a shadow's edge into a band: the brightest paper
+    # within one map pixel, never above the picture itself, makes the step sharp again.
     level = F.interpolate(paper[None, None], size=ink.shape, mode="bilinear")[0, 0]
-    # A shadow comes in from the picture's edge. Paper that rises inside by 30% of the ink's
+    level = torch.minimum(brightest_within(level, 2 * shrink + 1), ink)
+    # A shadow comes in from the picture's edge. Paper that rises inside by 15% of the ink's
     # strength above all of the edge's is bold strokes: then the paper is flat.
     edge = torch.cat([paper[0], paper[-1], paper[:, 0], paper[:, -1]])
-    if paper.max() - edge.max() > 0.3 * strength:
+    if paper.max() - edge.max() > 0.15 * strength:
         level = flat
     # Ruled lines and a margin run across the page: a row or column inked along 90% of its
     # length is paper there (a stroke that crosses a line is darker, and survives).
@@ -1058,11 +1077,25 @@ def paper_level(ink):
     return level + (rows + cols)
 
 
-def opening(cells, n):
-    """A gray opening of `cells` [1, 1, H, W] over n x n windows -> [H, W]: the darkest in each
-    window, then the brightest of those. A bright shape narrower than n goes; a wider one stays."""
-    darkest = -F.max_pool2d(-cells, n, 1, n // 2)
-    return F.max_pool2d(darkest, n, 1, n // 2)[0, 0]
+def opening(image, n):
+    """A gray opening of `image` [H, W] over n x n windows (n odd): the darkest in each window,
+    then the brightest of those. A bright shape narrower than n goes; a wider one stays."""
+    # Beyond the picture the page goes on as at its edge. Without that, the sharp corner where
+    # a shadow's edge meets the picture's is narrower than n, and would stay behind as ink.
+    pad = n // 2
+    height, width = image.shape
+    page = F.pad(image[None, None], (pad, pad, pad, pad), mode="replicate")[0, 0]
+    darkest = -brightest_within(-page, n)
+    opened = brightest_within(darkest, n)
+    return opened[pad : pad + height, pad : pad + width]
+
+
+def brightest_within(image, n):
+    """Each pixel of `image` [H, W] -> the brightest within the n x n square around it (n odd):
+    along columns, then rows (a square's maximum in two cheap passes)."""
+    down = F.max_pool2d(image[None, None], (n, 1), stride=1, padding=(n // 2, 0))
+    across = F.max_pool2d(down, (1, n), stride=1, padding=(0, n // 2))
+    return across[0, 0]
 
 
 def digit_pieces(ink):
@@ -1120,12 +1153,8 @@ def mnist_strokes(ink):
     k = round((THINNEST_STROKE * side - 20 * width) / (40 - 2 * THINNEST_STROKE))
     if k <= 0:
         return ink
-    # The brightest within k px, along columns then rows (a square's maximum in two cheap
-    # passes), on 2k px of paper around the crop: each pass takes 2k px off.
-    grown = F.pad(ink, (2 * k,) * 4)[None, None]
-    grown = F.max_pool2d(grown, (2 * k + 1, 1), stride=1)
-    grown = F.max_pool2d(grown, (1, 2 * k + 1), stride=1)
-    return grown[0, 0]
+    # The brightest within k px, on k px of paper around the crop.
+    return brightest_within(F.pad(ink, (k, k, k, k)), 2 * k + 1)
 
 
 # Below this top probability an answer says it is unsure. With the seed-0 model it marked 21 of

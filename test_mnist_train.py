@@ -886,10 +886,12 @@ assert lesson.prepare_digit(picture).shape == (1, 28, 28)
 """,
     (
         *STEP_7_CLEAN,
+        "PAPER_SIDE",
         "PIECES_SIDE",
         "THINNEST_STROKE",
         "paper_level",
         "opening",
+        "brightest_within",
         "digit_pieces",
         "mnist_strokes",
         "prepare_photo",
@@ -1037,6 +1039,18 @@ def test_prepare_digit_keeps_the_aspect_ratio():
     rows = prepared.any(1).nonzero()[:, 0]
     cols = prepared.any(0).nonzero()[:, 0]
     assert (rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1) == (20, 5)
+
+
+@given(depth=st.floats(0.45, 0.6), cover=st.floats(0.55, 0.95))
+def test_dark_ink_on_paper_mostly_in_a_deep_shadow_comes_out_light(depth, cover):
+    # Paper in a shadow over most of the page is as gray as the middle of the range, so the median
+    # pixel cannot tell which end is the ink; the lit paper along the border can.
+    page = torch.ones(120, 160)
+    page[40:80, 70:80] = 0.05  # a "1"
+    page = page * step7_pages.hard_shadow(120, 160, 0.0, depth, 2, (0.5, 1 - cover))
+    ink = mt.ink_on_black(page.mul(255).round().to(torch.uint8)[None])
+    assert ink[60, 75] > ink[60, 5]
+    assert ink[60, 75] > ink[60, 155]
 
 
 def test_prepare_digit_refuses_a_picture_without_ink():
@@ -1237,8 +1251,9 @@ def test_real_mnist_digits_drawn_as_users_pictures_are_read(real_mnist_seed_0, t
 
 
 # ---------------------------------------------------------------------------
-# Step 7 on real paper: ruled pages, shadows, fine pens, tight crops bench/step7_pages.py (imported
-# at the top) writes digits on such pages and measures how many are read.
+# Step 7 on real paper: ruled pages, soft and hard shadows, fine pens, tight crops.
+# bench/step7_pages.py (imported at the top) writes digits on such pages and measures how many are
+# read.
 # ---------------------------------------------------------------------------
 
 
@@ -1348,6 +1363,43 @@ def test_strokes_in_a_shadow_come_out_as_strong_as_in_the_light(tmp_path):
             )
         differences.append(float((prepared[0] - prepared[1]).abs().mean()))
     assert torch.tensor(differences).median() <= 0.02, differences
+
+
+@pytest.mark.slow
+@given(
+    seed=seeds,
+    angle=st.floats(0, 2 * math.pi),
+    depth=st.floats(0.25, 0.45),
+    blur=st.floats(1, 3),
+    through=st.tuples(st.floats(0.2, 0.8), st.floats(0.2, 0.8)),
+)
+def test_a_digit_under_a_hard_shadow_prepares_as_on_clean_paper(
+    seed, angle, depth, blur, through, tmp_path
+):
+    # The sharp shadow of a phone or a hand: a straight edge at any angle, through any part of the
+    # page (the digit too), blurred 1-3 px, the paper beyond it 25-45% darker, as JPEG. The edge
+    # goes, and the strokes in the shadow come out as strong as those in the light.
+    ink = step7_pages.ink_of(drawn_digit(seed), 5)
+    g = torch.Generator().manual_seed(seed)
+    page = step7_pages.page("clean", ink, g)
+    light = step7_pages.hard_shadow(page.shape[0], page.shape[1], angle, depth, blur, through)
+    shaded = (page * light[:, :, None]).round().to(torch.uint8)
+    Image.fromarray(page.numpy(), "RGB").save(tmp_path / "clean.png")
+    Image.fromarray(shaded.numpy(), "RGB").save(tmp_path / "shaded.jpg", quality=75)
+    clean = blurred(as_unit_image(mt.prepare_photo(mt.read_image(tmp_path / "clean.png"))))
+    shadow = blurred(as_unit_image(mt.prepare_photo(mt.read_image(tmp_path / "shaded.jpg"))))
+    assert alike(clean, shadow)
+
+
+@pytest.mark.slow
+@given(seed=seeds, size=st.integers(112, 168))
+def test_a_blank_page_under_a_lamp_and_a_hard_shadow_is_refused(seed, size, tmp_path):
+    # Only the shadow's edge crosses the page, and the lamp's light falls off across it: no ink.
+    g = torch.Generator().manual_seed(seed)
+    page = step7_pages.page("blank hard shadow", torch.zeros(size, size), g)
+    Image.fromarray(page.numpy(), "RGB").save(tmp_path / "blank.jpg", quality=75)
+    with pytest.raises(ValueError, match="no ink found"):
+        mt.prepare_photo(mt.read_image(tmp_path / "blank.jpg"))
 
 
 def prepared_on_white(ink, margin, folder):
