@@ -1437,7 +1437,7 @@ def bold_digit(seed):
 @pytest.mark.slow
 @pytest.mark.parametrize("margin", [0, 6])
 def test_a_bold_digit_with_little_paper_prepares_as_with_much(margin, tmp_path):
-    # Strokes wider than the opening's window (5 cells of 32) pass for paper there, as a shadow
+    # Strokes wider than the opening's window (5/32 of the side) pass for paper there, as a shadow
     # would: with paper all round (6 px) or none (the strokes reach across), they must not. 18 of
     # 20, as a few differ by the crop.
     seeds = [seed for seed in range(21) if seed != 12]  # 12, cropped tight, is refused as a frame
