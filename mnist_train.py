@@ -364,8 +364,8 @@ def ink_on_black(image):
     if 0.25 < level < 0.75:
         border = torch.cat([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
         level = (border.median() - darkest) / contrast
-        # So is paper half in a deep shadow, as gray as the middle of the range: then the lit paper
-        # along the border, near the light end, says it is paper.
+        # Paper half in a deep shadow makes the median as gray. Then more of the border lies near
+        # the light end (lit paper) than near the dark end, and the ink is dark.
         near_light = (border > darkest + 0.75 * contrast).sum()
         near_dark = (border < darkest + 0.25 * contrast).sum()
         if near_light > near_dark:
