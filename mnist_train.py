@@ -1026,10 +1026,11 @@ def prepare_photo(image):
     # 2) Take away the paper's level under each pixel, then divide by its brightness (at most
     #    5x): a shadow dims the ink's contrast as much as the paper.
     level = paper_level(ink)
+    above = ink - level
     # Ink stands out from the paper by MIN_INK before the division too: on a blank page under a
     # shadow, the paper's grain divided by dim paper would pass for ink.
-    drop_faint_marks(ink - level)
-    ink = drop_faint_marks((ink - level) / (1 - level).clamp(min=0.2))
+    drop_faint_marks(above)
+    ink = drop_faint_marks(above / (1 - level).clamp(min=0.2))
     # 3) Keep the digit: drop specks (pieces under a tenth of the largest's ink) and a dark frame.
     ink = ink * digit_pieces(ink)
     # 4) Crop to the ink, and grow strokes thinner than MNIST's (measured on the crop).
@@ -1060,15 +1061,15 @@ def paper_level(ink):
     side_to_side = strong[:, 0].any() and strong[:, -1].any()
     if (top_to_bottom or side_to_side) and (paper - wide).max() > 0.5 * strength:
         return flat
-    # Back at full size, the map's pixels blur a shadow's edge into a band: the brightest paper
-    # within one map pixel, never above the picture itself, makes the step sharp again.
-    level = F.interpolate(paper[None, None], size=ink.shape, mode="bilinear")[0, 0]
-    level = torch.minimum(brightest_within(level, 2 * shrink + 1), ink)
     # A shadow comes in from the picture's edge. Paper that rises inside by 15% of the ink's
     # strength above all of the edge's is bold strokes: then the paper is flat.
     edge = torch.cat([paper[0], paper[-1], paper[:, 0], paper[:, -1]])
-    if paper.max() - edge.max() > 0.15 * strength:
-        level = flat
+    level = flat
+    if paper.max() - edge.max() <= 0.15 * strength:
+        # Back at full size, the map's pixels blur a shadow's edge into a band: the brightest
+        # paper within one map pixel, never above the picture itself, makes the step sharp again.
+        level = F.interpolate(paper[None, None], size=ink.shape, mode="bilinear")[0, 0]
+        level = torch.minimum(brightest_within(level, 2 * shrink + 1), ink)
     # Ruled lines and a margin run across the page: a row or column inked along 90% of its
     # length is paper there (a stroke that crosses a line is darker, and survives).
     rest = ink - level
