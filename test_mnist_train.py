@@ -1273,8 +1273,13 @@ def prepared_on_pages(seed, scale, kind, folder, margin=60):
 
 def prepared_page(kind, ink, g, margin, path):
     """The blurred 28x28 of `ink` written on a page of `kind`, saved at `path`."""
-    page = step7_pages.page(kind, ink, g, margin)
-    Image.fromarray(page.numpy(), "RGB").save(path, quality=75)
+    return prepared_file(step7_pages.page(kind, ink, g, margin), path)
+
+
+def prepared_file(pixels, path):
+    """The blurred 28x28 of `pixels` (uint8, gray [H, W] or RGB [H, W, 3]) saved at `path` (as JPEG
+    of quality 75 if it ends in .jpg) and read back as --predict reads it."""
+    Image.fromarray(pixels.numpy()).save(path, quality=75)
     return blurred(as_unit_image(mt.prepare_photo(mt.read_image(path))))
 
 
@@ -1355,12 +1360,8 @@ def test_strokes_in_a_shadow_come_out_as_strong_as_in_the_light(tmp_path):
                 .clone()
             )
             paper[60 : 60 + ink.shape[0], 80 : 80 + ink.shape[1]] *= 1 - 0.95 * ink
-            Image.fromarray(paper.mul(255).round().to(torch.uint8).numpy(), "L").save(
-                tmp_path / "page.jpg", quality=75
-            )
-            prepared.append(
-                blurred(as_unit_image(mt.prepare_photo(mt.read_image(tmp_path / "page.jpg"))))
-            )
+            pixels = paper.mul(255).round().to(torch.uint8)
+            prepared.append(prepared_file(pixels, tmp_path / "page.jpg"))
         differences.append(float((prepared[0] - prepared[1]).abs().mean()))
     assert torch.tensor(differences).median() <= 0.02, differences
 
@@ -1384,10 +1385,8 @@ def test_a_digit_under_a_hard_shadow_prepares_as_on_clean_paper(
     page = step7_pages.page("clean", ink, g)
     light = step7_pages.hard_shadow(page.shape[0], page.shape[1], angle, depth, blur, through)
     shaded = (page * light[:, :, None]).round().to(torch.uint8)
-    Image.fromarray(page.numpy(), "RGB").save(tmp_path / "clean.png")
-    Image.fromarray(shaded.numpy(), "RGB").save(tmp_path / "shaded.jpg", quality=75)
-    clean = blurred(as_unit_image(mt.prepare_photo(mt.read_image(tmp_path / "clean.png"))))
-    shadow = blurred(as_unit_image(mt.prepare_photo(mt.read_image(tmp_path / "shaded.jpg"))))
+    clean = prepared_file(page, tmp_path / "clean.png")
+    shadow = prepared_file(shaded, tmp_path / "shaded.jpg")
     assert alike(clean, shadow)
 
 
@@ -1406,8 +1405,7 @@ def prepared_on_white(ink, margin, folder):
     """The blurred 28x28 of `ink` written black on white with `margin` px of paper around it, saved
     as a PNG."""
     paper = F.pad(1 - ink, (margin,) * 4, value=1.0)
-    Image.fromarray(paper.mul(255).round().to(torch.uint8).numpy(), "L").save(folder / "digit.png")
-    return blurred(as_unit_image(mt.prepare_photo(mt.read_image(folder / "digit.png"))))
+    return prepared_file(paper.mul(255).round().to(torch.uint8), folder / "digit.png")
 
 
 @pytest.mark.slow
