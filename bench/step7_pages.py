@@ -161,7 +161,9 @@ def strokes(digit, style):
 def drawn_ink(digit, height, pen, g):
     """Ink in [0, 1] of `digit` drawn `height` px tall with a `pen` px wide pen: random style,
     slant, width, jitter."""
-    width, slant, jitter = uniform(0.5, 0.85, g) * height, uniform(-0.1, 0.3, g), 0.03 * height
+    width = uniform(0.5, 0.85, g) * height
+    slant = uniform(-0.1, 0.3, g)
+    jitter = 0.03 * height
     segments = []
     for line in strokes(digit, int(torch.randint(3, (), generator=g))):
         p = torch.tensor(line) * torch.tensor([width, height])
